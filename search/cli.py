@@ -18,8 +18,10 @@ from search.errors import Cn4Error
 # Modules that define subcommands, in the order they appear in ``cn4 --help``.
 SUBCOMMAND_MODULES = (
     "search.cli_search",
+    "search.cli_models",
     "search.cli_prune",
-    "latency_models.cli",
+    "latency_models.cli_probe",
+    "latency_models.cli_fit",
     "service.cli",
 )
 

@@ -11,6 +11,19 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def cn4_home(tmp_path_factory) -> Path:
+    """Point CN4_HOME (caches of variants, measurements, cost models) at a fresh folder."""
+    home = tmp_path_factory.mktemp("cn4-home")
+    previous = os.environ.get("CN4_HOME")
+    os.environ["CN4_HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("CN4_HOME", None)
+    else:
+        os.environ["CN4_HOME"] = previous
+
 TINY_VOCAB = 96
 
 
