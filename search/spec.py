@@ -28,6 +28,12 @@ class SearchSpec:
     the dense model's predicted latency); with neither, ``DEFAULT_BUDGET_RATIO`` applies unless
     a ``sparsity_target`` alone is given. ``device`` is ``"local"`` (this machine, probed and
     fitted on first use) or a path to a measurement file or fitted cost model.
+
+    ``calibration_text`` and ``evaluation_text`` are paths to UTF-8 text files, or ``None`` for
+    the embedded texts. Calibration windows drive pruning and the search objective; evaluation
+    windows are held out and only measure the reported perplexity. ``proxy_windows`` of the
+    calibration windows (at most all of them) measure the single-layer losses behind the greedy
+    baseline.
     """
 
     model: str = "default"
@@ -44,6 +50,10 @@ class SearchSpec:
     calibration_windows: int = 32
     window: int = 128
     measure: bool = True
+    calibration_text: str | None = None
+    evaluation_text: str | None = None
+    evaluation_windows: int = 32
+    proxy_windows: int = 8
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -90,6 +100,18 @@ class SearchSpec:
                 f"calibration_windows={self.calibration_windows} and window={self.window} are "
                 "invalid: give at least 1 window of at least 8 tokens"
             )
+        if self.evaluation_windows < 1:
+            raise SpecError(
+                f"evaluation_windows={self.evaluation_windows} is invalid: give at least 1"
+            )
+        if self.proxy_windows < 1:
+            raise SpecError(f"proxy_windows={self.proxy_windows} is invalid: give at least 1")
+        for name in ("calibration_text", "evaluation_text"):
+            value = getattr(self, name)
+            if value is not None and not str(value).strip():
+                raise SpecError(
+                    f"{name} is empty: give a text file path, or None for the embedded text"
+                )
 
     @property
     def effective_budget_ratio(self) -> float | None:
