@@ -1,0 +1,120 @@
+"""``cn4 fit``: validate latency measurement files and fit a cost model to them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, TextIO
+
+from latency_models.cost_model import DEFAULT_HOLDOUT, CostModel, fit_files
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "fit",
+        help="fit a latency cost model to measurement files",
+        description=(
+            "Read and validate latency measurements (cn4.latency/1, CSV or JSON Lines), fit "
+            "the per-device cost model and print its accuracy on held-out whole-model "
+            "records. Exits with status 1 and the row number on an invalid file."
+        ),
+    )
+    parser.add_argument("files", nargs="+", metavar="FILE", help="measurement file (.csv, .jsonl)")
+    parser.add_argument("--out", metavar="FILE", help="write the fitted cost model JSON here")
+    parser.add_argument("--device", help="device to fit when the files hold several")
+    parser.add_argument("--backend", help="backend to fit when the files hold several")
+    parser.add_argument("--dtype", help="weight dtype to fit when the files hold several")
+    parser.add_argument(
+        "--threads", type=int, help="thread count to fit when the files hold several"
+    )
+    parser.add_argument(
+        "--holdout",
+        type=float,
+        default=DEFAULT_HOLDOUT,
+        metavar="SHARE",
+        help=(
+            "share of each model's whole-model records held out for the accuracy report; the "
+            f"rest calibrate the model's fixed part (default {DEFAULT_HOLDOUT})"
+        ),
+    )
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    model = fit_files(
+        args.files,
+        device=args.device,
+        backend=args.backend,
+        dtype=args.dtype,
+        threads=args.threads,
+        holdout=args.holdout,
+    )
+    for message in model.warnings:
+        print(f"warning: {message}", file=sys.stderr)
+    print_report(model, sys.stdout)
+    if args.out:
+        path = model.save(args.out)
+        print(f"wrote {path}")
+    return 0
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{100.0 * value:.1f}%"
+
+
+def _number(value: float | None, unit: str = "", digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def print_report(model: CostModel, stream: TextIO) -> None:
+    """Write a plain-text summary of the fitted model and its fit report to ``stream``."""
+    report = model.fit_report
+    records = report.get("records", {})
+    print(f"cost model for {model.name}, dtype {model.dtype}, threads {model.threads}", file=stream)
+    print(
+        f"  records: {records.get('linear', 0)} linear, {records.get('remainder', 0)} remainder, "
+        f"{records.get('model', 0)} model ({records.get('combined_duplicates', 0)} duplicates "
+        "combined)",
+        file=stream,
+    )
+    print(
+        f"  layer lookups: {report.get('lookup_cases', 0)}, regressions: "
+        f"{report.get('regressions', 0)}",
+        file=stream,
+    )
+    for (level, tokens), regression in sorted(model.regressions.items()):
+        slope = regression.coefficients[1]
+        bandwidth = f"{1e-6 / slope:.1f} GB/s" if slope > 0 else "n/a"
+        print(
+            f"    level {level}, tokens {tokens}: {regression.shapes} shapes, overhead "
+            f"{regression.coefficients[0] * 1000:.1f} us, weight bandwidth {bandwidth}, "
+            f"fit MAPE {regression.fit_mape:.1f}%",
+            file=stream,
+        )
+    for (name, tokens), part in sorted(model.fixed_parts.items()):
+        remainder = "none" if part.remainder_ms is None else f"{part.remainder_ms:.3f} ms"
+        print(
+            f"  model {name} (tokens {tokens}): remainder {remainder}, correction "
+            f"{part.correction_ms:+.3f} ms from {part.calibration_records} record(s)",
+            file=stream,
+        )
+    print(
+        f"  held-out model records: {report.get('count', 0)} "
+        f"(calibration: {report.get('calibration_records', 0)}, unpredicted: "
+        f"{report.get('unpredicted', 0)})",
+        file=stream,
+    )
+    print(
+        f"    within 5%: {_share(report.get('within_5pct'))}, within 10%: "
+        f"{_share(report.get('within_10pct'))}, MAPE: {_number(report.get('mape'), '%', 2)}, "
+        f"Spearman: {_number(report.get('spearman'))}",
+        file=stream,
+    )
+    loo = report.get("layer_loo") or {}
+    if loo.get("count"):
+        print(
+            f"  layer leave-one-out: {loo['count']} shapes, within 10%: "
+            f"{_share(loo.get('within_10pct'))}, MAPE: {_number(loo.get('mape'), '%', 2)}",
+            file=stream,
+        )
