@@ -1,0 +1,423 @@
+"""Packed Cn4 storage and numba CPU kernels for decode (GEMV) and prefill (GEMM).
+
+A Linear at level n (1..3) has n zeros in every group of 4 consecutive input weights, so each
+group keeps 4-n values. :class:`PackedCn4` stores the kept values of each row in group order
+(float32 ``values`` of shape [out, groups*(4-n)]) and one code byte per group: a 4-bit keep
+mask whose bit p is set when position p of the group is kept. Level 0 stores the dense matrix
+and no codes.
+
+Kernels, all parallel over output rows with ``prange`` (they use ``numba.get_num_threads()``
+threads, so ``numba.set_num_threads`` limits them) and writing into arrays the caller allocates:
+
+- decode ``y = W x`` (one token): the kept values are expanded back to 4 weights per group
+  with arithmetic selects on the keep mask, then multiplied with ``x`` rearranged by position
+  within the group (``x_by_position[p, g] = x[4g + p]``). Every load is contiguous, so LLVM
+  vectorises the loop over groups; a gather ``x[4g + position]`` per kept value would not.
+- prefill ``Y = X Wᵀ`` (many tokens): for each kept value the whole tile of tokens is updated
+  from ``X`` transposed to [in, tokens], so the innermost loop runs over contiguous tokens and
+  each group costs 4-n multiply-adds per token.
+
+The dense kernels share each loop structure and threading, without codes, so they are the fair
+baseline for the Cn4 ones. Sums use ``fastmath`` reassociation and contraction only (no
+assumptions about NaN or infinity), so results differ from a sequential float32 sum by rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import torch
+
+from search.errors import PruningError
+
+GROUP_SIZE = 4
+LEVELS = (0, 1, 2, 3)
+
+# Reassociation lets LLVM vectorise the reductions; contraction allows fused multiply-adds.
+# No nnan/ninf flags, so NaN and infinity in inputs propagate as in a plain product.
+SUM_FASTMATH = {"reassoc", "contract"}
+
+# Tokens per tile in the prefill kernels: 32 float32 accumulators are two AVX-512 registers.
+TOKEN_TILE = 32
+
+_DECODE_SIGNATURE = (
+    "void(float32[:, ::1], uint8[:, ::1], float32[::1], float32[:, ::1], float32[::1], "
+    "float32[::1])"
+)
+_PREFILL_SIGNATURE = (
+    "void(float32[:, ::1], uint8[:, ::1], int64, float32[:, ::1], float32[::1], float32[:, ::1])"
+)
+
+
+@dataclass
+class PackedCn4:
+    """One Linear's weight in Cn4 packed storage.
+
+    ``values``: float32 [out, groups*(4-n)], the kept weights of each row in group order (the
+    whole dense matrix at n = 0). ``codes``: uint8 [out, groups], the keep mask of each group,
+    bit p set when input column 4*group + p is kept ([out, 0] at n = 0). ``bias``: float32 [out]
+    or None.
+    """
+
+    values: np.ndarray
+    codes: np.ndarray
+    n: int
+    out_features: int
+    in_features: int
+    bias: np.ndarray | None = None
+
+    @property
+    def kept(self) -> int:
+        """Kept weights per group of 4 (4 at level 0)."""
+        return GROUP_SIZE - self.n
+
+    @property
+    def groups(self) -> int:
+        """Groups of 4 along the input dimension (0 at level 0, which has no groups)."""
+        return self.codes.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weight storage a GEMV reads: values plus codes, bias excluded."""
+        return int(self.values.nbytes + self.codes.nbytes)
+
+    def unpack(self) -> np.ndarray:
+        """Return the dense float32 weight [out, in], with zeros at the dropped positions."""
+        if self.n == 0:
+            return self.values.copy()
+        shape = (self.out_features, self.groups, GROUP_SIZE)
+        positions = np.arange(GROUP_SIZE, dtype=np.uint8)
+        kept = ((self.codes[:, :, None] >> positions) & 1).astype(bool)
+        dense = np.zeros(shape, dtype=np.float32)
+        # Boolean assignment fills the True cells in C order: row, group, then position, which
+        # is the order the values were packed in.
+        dense[kept] = self.values.reshape(-1)
+        return dense.reshape(self.out_features, self.in_features)
+
+
+def _as_float32_matrix(weight: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+    if isinstance(weight, torch.Tensor):
+        weight = weight.detach().to(device="cpu", dtype=torch.float32).numpy()
+    array = np.ascontiguousarray(weight, dtype=np.float32)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D matrix [out, in], got shape {array.shape}")
+    return array
+
+
+def pack_cn4(
+    weight: np.ndarray | torch.Tensor, n: int, bias: np.ndarray | torch.Tensor | None = None
+) -> PackedCn4:
+    """Pack a weight [out, in] that already has at least ``n`` zeros in every group of 4.
+
+    Groups with more zeros than ``n`` keep some zeros as explicit values, so every group stores
+    exactly 4-n values. Raises PruningError for a level outside 0..3, an input dimension that
+    groups of 4 do not tile, or a group with fewer than ``n`` zeros, because packing it would
+    silently drop non-zero weights.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or int(n) not in LEVELS:
+        raise PruningError(f"level n={n!r} is invalid: a Cn4 level is 0, 1, 2 or 3 zeros per group of 4")
+    n = int(n)
+    matrix = _as_float32_matrix(weight, "weight")
+    out_features, in_features = matrix.shape
+    bias_array = _bias_array(bias, out_features)
+    if n == 0:
+        codes = np.zeros((out_features, 0), dtype=np.uint8)
+        return PackedCn4(matrix.copy(), codes, 0, out_features, in_features, bias_array)
+    if in_features % GROUP_SIZE:
+        raise PruningError(
+            f"in_features={in_features} is not a multiple of 4, so groups of 4 do not tile the "
+            f"input dimension: keep this layer at level 0"
+        )
+
+    # 1. Check that every group has at least n zeros.
+    groups = matrix.reshape(out_features, in_features // GROUP_SIZE, GROUP_SIZE)
+    nonzero = groups != 0
+    zero_counts = GROUP_SIZE - nonzero.sum(axis=-1)
+    short_rows, short_groups = np.nonzero(zero_counts < n)
+    if short_rows.size:
+        row, group = int(short_rows[0]), int(short_groups[0])
+        raise PruningError(
+            f"row {row}, group {group} (input columns {4 * group}..{4 * group + 3}) has "
+            f"{int(zero_counts[row, group])} zeros, fewer than level n={n} needs, and "
+            f"{short_rows.size} groups in all fall short: prune the weight to level {n} before "
+            f"packing it"
+        )
+
+    # 2. Keep the non-zeros, then fill up to 4-n with the leftmost zeros; the stable sort puts
+    # non-zero positions first, each part in position order.
+    kept = GROUP_SIZE - n
+    order = np.argsort(~nonzero, axis=-1, kind="stable")[..., :kept]
+    positions = np.sort(order, axis=-1)
+    values = np.take_along_axis(groups, positions, axis=-1).reshape(out_features, -1)
+    codes = np.bitwise_or.reduce(np.left_shift(1, positions), axis=-1).astype(np.uint8)
+    return PackedCn4(
+        np.ascontiguousarray(values), codes, n, out_features, in_features, bias_array
+    )
+
+
+def _bias_array(bias: np.ndarray | torch.Tensor | None, out_features: int) -> np.ndarray | None:
+    if bias is None:
+        return None
+    if isinstance(bias, torch.Tensor):
+        bias = bias.detach().to(device="cpu", dtype=torch.float32).numpy()
+    array = np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
+    if array.shape[0] != out_features:
+        raise ValueError(f"bias has {array.shape[0]} entries, expected out_features={out_features}")
+    return array
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode kernels: y[r] = sum over input columns of W[r, i] * x[i], plus bias[r] when given.
+# Shared signature: (values, codes, x, x_by_position [4, groups] scratch, bias ([out] or [0]), y).
+
+
+@numba.njit(cache=True)
+def _fill_x_by_position(x, x_by_position):
+    groups = x_by_position.shape[1]
+    for g in range(groups):
+        for p in range(GROUP_SIZE):
+            x_by_position[p, g] = x[GROUP_SIZE * g + p]
+
+
+@numba.njit(_DECODE_SIGNATURE, parallel=True, fastmath=SUM_FASTMATH, cache=True)
+def matvec_n1(values, codes, x, x_by_position, bias, y):
+    """Cn4 GEMV at level 1 (3 kept of 4): ``y = W x + bias``."""
+    _fill_x_by_position(x, x_by_position)
+    groups = codes.shape[1]
+    x0 = x_by_position[0]
+    x1 = x_by_position[1]
+    x2 = x_by_position[2]
+    x3 = x_by_position[3]
+    has_bias = bias.shape[0] != 0
+    for r in numba.prange(values.shape[0]):
+        acc = np.float32(0.0)
+        for g in range(groups):
+            mask = codes[r, g]
+            v0 = values[r, 3 * g]
+            v1 = values[r, 3 * g + 1]
+            v2 = values[r, 3 * g + 2]
+            zero = np.float32(0.0)
+            # Kept positions in order take v0, v1, v2: position 1 holds v0 unless position 0 is
+            # kept, position 2 holds v2 unless position 3 is kept.
+            w0 = v0 if mask & 1 else zero
+            w1 = (v1 if mask & 1 else v0) if mask & 2 else zero
+            w2 = (v1 if mask & 8 else v2) if mask & 4 else zero
+            w3 = v2 if mask & 8 else zero
+            acc += w0 * x0[g] + w1 * x1[g] + w2 * x2[g] + w3 * x3[g]
+        y[r] = acc + bias[r] if has_bias else acc
+
+
+@numba.njit(_DECODE_SIGNATURE, parallel=True, fastmath=SUM_FASTMATH, cache=True)
+def matvec_n2(values, codes, x, x_by_position, bias, y):
+    """Cn4 GEMV at level 2 (2 kept of 4): ``y = W x + bias``."""
+    _fill_x_by_position(x, x_by_position)
+    groups = codes.shape[1]
+    x0 = x_by_position[0]
+    x1 = x_by_position[1]
+    x2 = x_by_position[2]
+    x3 = x_by_position[3]
+    has_bias = bias.shape[0] != 0
+    for r in numba.prange(values.shape[0]):
+        acc = np.float32(0.0)
+        for g in range(groups):
+            mask = codes[r, g]
+            v0 = values[r, 2 * g]
+            v1 = values[r, 2 * g + 1]
+            zero = np.float32(0.0)
+            # Of two kept positions the lower takes v0: position 1 is the higher one when
+            # position 0 is kept, position 2 the lower one when position 3 is kept.
+            w0 = v0 if mask & 1 else zero
+            w1 = (v1 if mask & 1 else v0) if mask & 2 else zero
+            w2 = (v0 if mask & 8 else v1) if mask & 4 else zero
+            w3 = v1 if mask & 8 else zero
+            acc += w0 * x0[g] + w1 * x1[g] + w2 * x2[g] + w3 * x3[g]
+        y[r] = acc + bias[r] if has_bias else acc
+
+
+@numba.njit(_DECODE_SIGNATURE, parallel=True, fastmath=SUM_FASTMATH, cache=True)
+def matvec_n3(values, codes, x, x_by_position, bias, y):
+    """Cn4 GEMV at level 3 (1 kept of 4): ``y = W x + bias``."""
+    _fill_x_by_position(x, x_by_position)
+    groups = codes.shape[1]
+    x0 = x_by_position[0]
+    x1 = x_by_position[1]
+    x2 = x_by_position[2]
+    x3 = x_by_position[3]
+    has_bias = bias.shape[0] != 0
+    for r in numba.prange(values.shape[0]):
+        acc = np.float32(0.0)
+        for g in range(groups):
+            mask = codes[r, g]
+            v = values[r, g]
+            zero = np.float32(0.0)
+            w0 = v if mask & 1 else zero
+            w1 = v if mask & 2 else zero
+            w2 = v if mask & 4 else zero
+            w3 = v if mask & 8 else zero
+            acc += w0 * x0[g] + w1 * x1[g] + w2 * x2[g] + w3 * x3[g]
+        y[r] = acc + bias[r] if has_bias else acc
+
+
+@numba.njit(_DECODE_SIGNATURE, parallel=True, fastmath=SUM_FASTMATH, cache=True)
+def matvec_dense(values, codes, x, x_by_position, bias, y):
+    """Dense GEMV ``y = W x + bias`` with the Cn4 kernels' signature; ignores codes and scratch."""
+    columns = values.shape[1]
+    has_bias = bias.shape[0] != 0
+    for r in numba.prange(values.shape[0]):
+        acc = np.float32(0.0)
+        for i in range(columns):
+            acc += values[r, i] * x[i]
+        y[r] = acc + bias[r] if has_bias else acc
+
+
+# Decode kernel by level; level 0 is the dense kernel.
+MATVEC_KERNELS = {0: matvec_dense, 1: matvec_n1, 2: matvec_n2, 3: matvec_n3}
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill kernels: Y[t, r] = sum over input columns of X[t, i] * W[r, i], plus bias[r].
+# Shared signature: (values, codes, kept, x_transposed [in, tokens], bias, Y [tokens, out]).
+
+# Kept positions of each keep mask in increasing order; row m lists the set bits of m.
+_KEPT_POSITIONS = np.array(
+    [[p for p in range(GROUP_SIZE) if mask >> p & 1] + [0] * (GROUP_SIZE - bin(mask).count("1"))
+     for mask in range(16)],
+    dtype=np.int64,
+)
+
+
+@numba.njit(_PREFILL_SIGNATURE, parallel=True, fastmath=SUM_FASTMATH, cache=True)
+def matmul_cn4(values, codes, kept, x_transposed, bias, out):
+    """Cn4 GEMM ``out = X Wᵀ + bias`` for ``kept`` = 4-n values per group (n = 1..3)."""
+    out_features = values.shape[0]
+    groups = codes.shape[1]
+    tokens = x_transposed.shape[1]
+    has_bias = bias.shape[0] != 0
+    kept_positions = _KEPT_POSITIONS
+    for r in numba.prange(out_features):
+        acc = np.empty(TOKEN_TILE, dtype=np.float32)
+        for start in range(0, tokens, TOKEN_TILE):
+            width = min(TOKEN_TILE, tokens - start)
+            acc[:] = 0.0
+            for g in range(groups):
+                mask = codes[r, g]
+                for j in range(kept):
+                    column = GROUP_SIZE * g + kept_positions[mask, j]
+                    weight = values[r, kept * g + j]
+                    for t in range(width):
+                        acc[t] += weight * x_transposed[column, start + t]
+            offset = bias[r] if has_bias else np.float32(0.0)
+            for t in range(width):
+                out[start + t, r] = acc[t] + offset
+
+
+@numba.njit(_PREFILL_SIGNATURE, parallel=True, fastmath=SUM_FASTMATH, cache=True)
+def matmul_dense(values, codes, kept, x_transposed, bias, out):
+    """Dense GEMM ``out = X Wᵀ + bias`` with the Cn4 kernel's loops; ignores codes and kept."""
+    out_features = values.shape[0]
+    columns = values.shape[1]
+    tokens = x_transposed.shape[1]
+    has_bias = bias.shape[0] != 0
+    for r in numba.prange(out_features):
+        acc = np.empty(TOKEN_TILE, dtype=np.float32)
+        for start in range(0, tokens, TOKEN_TILE):
+            width = min(TOKEN_TILE, tokens - start)
+            acc[:] = 0.0
+            for i in range(columns):
+                weight = values[r, i]
+                for t in range(width):
+                    acc[t] += weight * x_transposed[i, start + t]
+            offset = bias[r] if has_bias else np.float32(0.0)
+            for t in range(width):
+                out[start + t, r] = acc[t] + offset
+
+
+# ---------------------------------------------------------------------------------------------
+# Front functions: check shapes, allocate what the caller did not, pick the kernel.
+
+_NO_BIAS = np.zeros(0, dtype=np.float32)
+_NO_CODES = np.zeros((0, 0), dtype=np.uint8)
+_NO_SCRATCH = np.zeros((0, 0), dtype=np.float32)
+
+
+def _as_vector(x: np.ndarray | torch.Tensor, length: int) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to(device="cpu", dtype=torch.float32).numpy()
+    vector = np.ascontiguousarray(x, dtype=np.float32)
+    if vector.shape != (length,):
+        raise ValueError(f"x has shape {vector.shape}, expected ({length},) to match in_features")
+    return vector
+
+
+def _as_tokens(x: np.ndarray | torch.Tensor, in_features: int) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to(device="cpu", dtype=torch.float32).numpy()
+    matrix = np.asarray(x, dtype=np.float32)
+    if matrix.ndim != 2 or matrix.shape[1] != in_features:
+        raise ValueError(
+            f"X has shape {matrix.shape}, expected (tokens, {in_features}) to match in_features"
+        )
+    return matrix
+
+
+def _output(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype=np.float32)
+    if out.dtype != np.float32 or out.shape != shape or not out.flags.c_contiguous:
+        raise ValueError(
+            f"out must be a C-contiguous float32 array of shape {shape}, got {out.dtype} "
+            f"{out.shape}"
+        )
+    return out
+
+
+def cn4_matvec(packed: PackedCn4, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Return ``W x + bias`` for one token ``x`` [in] through the decode kernel of the level."""
+    x = _as_vector(x, packed.in_features)
+    y = _output(out, (packed.out_features,))
+    bias = _NO_BIAS if packed.bias is None else packed.bias
+    if packed.n == 0:
+        matvec_dense(packed.values, _NO_CODES, x, _NO_SCRATCH, bias, y)
+        return y
+    x_by_position = np.empty((GROUP_SIZE, packed.groups), dtype=np.float32)
+    MATVEC_KERNELS[packed.n](packed.values, packed.codes, x, x_by_position, bias, y)
+    return y
+
+
+def cn4_matmul(packed: PackedCn4, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Return ``X Wᵀ + bias`` [tokens, out] for tokens ``X`` [tokens, in] (prefill)."""
+    x = _as_tokens(x, packed.in_features)
+    result = _output(out, (x.shape[0], packed.out_features))
+    x_transposed = np.ascontiguousarray(x.T)
+    bias = _NO_BIAS if packed.bias is None else packed.bias
+    if packed.n == 0:
+        matmul_dense(packed.values, _NO_CODES, GROUP_SIZE, x_transposed, bias, result)
+    else:
+        matmul_cn4(packed.values, packed.codes, packed.kept, x_transposed, bias, result)
+    return result
+
+
+def dense_matvec(
+    weight: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, bias: np.ndarray | None = None
+) -> np.ndarray:
+    """Return ``W x + bias`` for a dense float32 ``weight`` [out, in] (the Cn4 baseline)."""
+    weight = _as_float32_matrix(weight, "weight")
+    x = _as_vector(x, weight.shape[1])
+    y = _output(out, (weight.shape[0],))
+    bias_array = _NO_BIAS if bias is None else _bias_array(bias, weight.shape[0])
+    matvec_dense(weight, _NO_CODES, x, _NO_SCRATCH, bias_array, y)
+    return y
+
+
+def dense_matmul(
+    weight: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, bias: np.ndarray | None = None
+) -> np.ndarray:
+    """Return ``X Wᵀ + bias`` for a dense float32 ``weight`` [out, in] (the Cn4 baseline)."""
+    weight = _as_float32_matrix(weight, "weight")
+    x = _as_tokens(x, weight.shape[1])
+    result = _output(out, (x.shape[0], weight.shape[0]))
+    bias_array = _NO_BIAS if bias is None else _bias_array(bias, weight.shape[0])
+    matmul_dense(weight, _NO_CODES, GROUP_SIZE, np.ascontiguousarray(x.T), bias_array, result)
+    return result
