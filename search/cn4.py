@@ -49,6 +49,11 @@ MAX_DAMPING = 10.0
 DEFAULT_BLOCK_SIZE = 128
 # Memory for the gathered Hessian rows of one batch of obs_reconstruct solves.
 _RECONSTRUCT_CHUNK_BYTES = 256 * 2**20
+# Layers whose exact reconstruction costs at most this many multiply-adds (rows x kept^3 / 3)
+# get it after the sweep by default. The sweep freezes each column once visited, so on small
+# layers with strongly correlated inputs the exact solve for the same mask can cut the output
+# error several times over; on large layers its cost grows with the cube of in_features.
+EXACT_RECONSTRUCT_MAX_COST = 2e8
 
 
 @dataclass
@@ -155,13 +160,19 @@ def prune_obs(
     *,
     damping: float = DEFAULT_DAMPING,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    exact: bool | None = None,
 ) -> PruneResult:
     """Prune with OBS compensation: SparseGPT's blocked column sweep with a Cn4 mask.
 
-    Falls back to magnitude pruning, with ``note`` saying why, when the damped Hessian stays
-    singular up to ``MAX_DAMPING`` or when the sweep produces non-finite weights.
+    With ``exact`` the kept weights are then solved exactly for the sweep's mask
+    (:func:`obs_reconstruct` on the damped Hessian); None does so for layers below
+    ``EXACT_RECONSTRUCT_MAX_COST``. Falls back to magnitude pruning, with ``note`` saying why,
+    when the damped Hessian stays singular up to ``MAX_DAMPING`` or when the result has
+    non-finite weights.
     """
-    return prune_obs_levels(weight, [n], stats, damping=damping, block_size=block_size)[0]
+    return prune_obs_levels(
+        weight, [n], stats, damping=damping, block_size=block_size, exact=exact
+    )[0]
 
 
 def prune_obs_levels(
@@ -171,12 +182,13 @@ def prune_obs_levels(
     *,
     damping: float = DEFAULT_DAMPING,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    exact: bool | None = None,
 ) -> list[PruneResult]:
     """Prune one layer at several levels with OBS, sharing the Hessian factorisation.
 
     The levels are swept together as one stacked weight (the rows are independent in OBS), so
-    preparing levels 1, 2 and 3 costs little more than one of them. Returns one result per
-    entry of ``levels``, in order.
+    preparing levels 1, 2 and 3 costs less than three separate runs. ``exact`` is as in
+    :func:`prune_obs`. Returns one result per entry of ``levels``, in order.
     """
     levels = [check_level(n) for n in levels]
     check_weight(weight)
@@ -200,7 +212,7 @@ def prune_obs_levels(
     if not sparse:
         return results  # type: ignore[return-value]
 
-    factor, used_damping, dead = _inverse_hessian_factor(hessian, damping)
+    factor, used_damping, dead, damped = _inverse_hessian_factor(hessian, damping)
     if factor is None:
         note = (
             f"the damped Hessian was not positive definite up to damping {MAX_DAMPING:g} "
@@ -213,6 +225,12 @@ def prune_obs_levels(
     stacked = weight.to(torch.float64).repeat(len(sparse), 1)
     row_levels = torch.tensor([levels[i] for i in sparse]).repeat_interleave(rows)
     pruned, mask = _obs_sweep(stacked, row_levels, factor, dead, block_size)
+    if exact is None:
+        kept = GROUP_SIZE - min(levels[i] for i in sparse)
+        kept_columns = weight.shape[1] * kept // GROUP_SIZE
+        exact = stacked.shape[0] * kept_columns**3 / 3 <= EXACT_RECONSTRUCT_MAX_COST
+    if exact:
+        pruned = obs_reconstruct(stacked, mask, damped)
 
     if not torch.isfinite(pruned).all():
         note = "the OBS sweep produced non-finite weights, so this layer fell back to magnitude"
@@ -344,8 +362,10 @@ def _checked_hessian(weight: torch.Tensor, stats: LayerStats | None, method: str
 
 def _inverse_hessian_factor(
     hessian: torch.Tensor, damping: float
-) -> tuple[torch.Tensor | None, float, torch.Tensor]:
-    """Return the upper Cholesky factor of the damped inverse Hessian, the damping and dead columns.
+) -> tuple[torch.Tensor | None, float, torch.Tensor, torch.Tensor]:
+    """Return the upper Cholesky factor of the damped inverse Hessian and how it was obtained.
+
+    The other values are the damping share used, the dead columns and the damped Hessian.
 
     Dead input channels (zero diagonal: the input was always 0) get a unit diagonal so the
     matrix can be inverted. Each failed factorisation multiplies the damping share by
@@ -368,10 +388,10 @@ def _inverse_hessian_factor(
             inverse = torch.cholesky_inverse(lower)
             factor, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0 and torch.isfinite(factor).all():
-                return factor, share, dead
+                return factor, share, dead, damped
         logger.debug("OBS: Cholesky failed at damping %g, retrying with more", share)
         share *= DAMPING_GROWTH
-    return None, share, dead
+    return None, share, dead, h
 
 
 def _obs_sweep(
