@@ -281,9 +281,10 @@ def obs_reconstruct(
 
     For each row, the kept weights ``w'`` minimise ``||(w - w') X||^2`` with the pruned weights
     fixed at 0, where ``hessian = X X^T``. Setting the gradient to zero gives the linear system
-    ``H_KK w'_K = H_KK w_K + H_KP w_P`` on the kept sub-block ``K``; it is solved in the
-    least-squares sense, so a singular sub-block (a dead input channel) yields the minimum-norm
-    change. The cost is one solve of size ``|K|`` per row: meant for checks and small layers.
+    ``H_KK w'_K = H_KK w_K + H_KP w_P`` on the kept sub-block ``K``, solved by Cholesky, or in
+    the least-squares sense (the minimum-norm solution) where Cholesky fails on a singular
+    sub-block. Pass a damped Hessian when tokens are fewer than kept weights, because a nearly
+    singular sub-block can pass Cholesky and give large weights. The cost is one solve of size ``|K|`` per row: meant for checks and small layers.
     """
     check_weight(weight)
     if mask.shape != weight.shape or mask.dtype != torch.bool:
@@ -313,9 +314,19 @@ def obs_reconstruct(
             h_kk = torch.gather(h_kept_rows, 2, kept.unsqueeze(1).expand(-1, count, -1))
             # Right side H_K: w: the kept rows of H applied to the dense row, pruned part included.
             rhs = torch.einsum("rkc,rc->rk", h_kept_rows, w[chunk])
-            solution = torch.linalg.lstsq(h_kk, rhs.unsqueeze(-1), driver="gelsd").solution
-            result[chunk.unsqueeze(1), kept] = solution.squeeze(-1)
+            result[chunk.unsqueeze(1), kept] = _solve_symmetric(h_kk, rhs)
     return result.to(weight.dtype)
+
+
+def _solve_symmetric(matrices: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve a batch of symmetric PSD systems: Cholesky where it works, least squares elsewhere."""
+    lower, info = torch.linalg.cholesky_ex(matrices)
+    solution = torch.cholesky_solve(rhs.unsqueeze(-1), lower).squeeze(-1)
+    singular = info != 0
+    if singular.any():
+        fallback = torch.linalg.lstsq(matrices[singular], rhs[singular].unsqueeze(-1), driver="gelsd")
+        solution[singular] = fallback.solution.squeeze(-1)
+    return solution
 
 
 def reconstruction_error(
