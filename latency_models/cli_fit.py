@@ -21,11 +21,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="measurement file (.csv, .jsonl)")
     parser.add_argument("--out", metavar="FILE", help="write the fitted cost model JSON here")
-    parser.add_argument("--device", help="device to fit when the files hold several")
-    parser.add_argument("--backend", help="backend to fit when the files hold several")
-    parser.add_argument("--dtype", help="weight dtype to fit when the files hold several")
+    parser.add_argument("--device", help="device to fit when the files contain several")
+    parser.add_argument("--backend", help="backend to fit when the files contain several")
+    parser.add_argument("--dtype", help="weight dtype to fit when the files contain several")
     parser.add_argument(
-        "--threads", type=int, help="thread count to fit when the files hold several"
+        "--threads", type=int, help="thread count to fit when the files contain several"
     )
     parser.add_argument(
         "--holdout",
@@ -83,6 +83,7 @@ def print_report(model: CostModel, stream: TextIO) -> None:
         f"{report.get('regressions', 0)}",
         file=stream,
     )
+
     for (level, tokens), regression in sorted(model.regressions.items()):
         slope = regression.coefficients[1]
         bandwidth = f"{1e-6 / slope:.1f} GB/s" if slope > 0 else "n/a"
@@ -92,6 +93,7 @@ def print_report(model: CostModel, stream: TextIO) -> None:
             f"fit MAPE {regression.fit_mape:.1f}%",
             file=stream,
         )
+
     for (name, tokens), part in sorted(model.fixed_parts.items()):
         remainder = "none" if part.remainder_ms is None else f"{part.remainder_ms:.3f} ms"
         print(
@@ -99,6 +101,7 @@ def print_report(model: CostModel, stream: TextIO) -> None:
             f"{part.correction_ms:+.3f} ms from {part.calibration_records} record(s)",
             file=stream,
         )
+
     print(
         f"  held-out model records: {report.get('count', 0)} "
         f"(calibration: {report.get('calibration_records', 0)}, unpredicted: "
@@ -111,6 +114,7 @@ def print_report(model: CostModel, stream: TextIO) -> None:
         f"Spearman: {_number(report.get('spearman'))}",
         file=stream,
     )
+
     loo = report.get("layer_loo") or {}
     if loo.get("count"):
         print(

@@ -1,6 +1,6 @@
 """A per-device cost model fitted to latency measurements (format ``cn4.costmodel/1``).
 
-The model is additive, as in kernel-level predictors such as nn-Meter (MobiSys 2021): a whole
+The model is additive, as kernel-level predictors such as nn-Meter (MobiSys 2021) are. A whole
 model's latency is its fixed part (the remainder: embedding, conv1d, scan, norms, head) plus
 the sum of its Linear layers, each at its own Cn4 level. Layer latency comes from
 
@@ -51,7 +51,7 @@ REGRESSION_FEATURES = ("intercept", "weight_bytes", "activation_bytes")
 # A regression with three coefficients needs at least three distinct shapes to be determined.
 MIN_REGRESSION_SHAPES = 3
 # The regression may predict weight sizes down to 1/1.25 of the smallest measured one and up
-# to 1.25x the largest: beyond that, cache effects can change the bandwidth unseen.
+# to 1.25x the largest. Further out, a cache boundary may change the bandwidth unseen.
 EXTRAPOLATION_MARGIN = 1.25
 # Share of each model's whole-model records held out for the fit report by default.
 DEFAULT_HOLDOUT = 0.75
@@ -293,8 +293,8 @@ class CostModel:
     ) -> CostModel:
         """Fit a cost model to the records of one device, backend, dtype and thread count.
 
-        ``device``, ``backend``, ``dtype`` and ``threads`` select records when the input holds
-        several; each may be left ``None`` when only one value occurs. ``holdout`` is the share
+        ``device``, ``backend``, ``dtype`` and ``threads`` select records when the input
+        contains several values; each may be left ``None`` when only one value occurs. ``holdout`` is the share
         of each model's whole-model records kept out of calibration for the fit report.
         """
         if not 0.0 <= holdout <= 1.0:
@@ -440,7 +440,7 @@ class CostModel:
     def from_dict(cls, data: Mapping[str, Any]) -> CostModel:
         """Rebuild a model from :meth:`to_dict` output; rejects other format versions."""
         if not isinstance(data, Mapping):
-            raise CostModelError("a cost model file must hold a JSON object")
+            raise CostModelError("a cost model file must contain a JSON object")
         version = data.get("format")
         if version != FORMAT_VERSION:
             raise CostModelError(
@@ -552,8 +552,8 @@ def accuracy_report(measured: Sequence[float], predicted: Sequence[float]) -> di
     """Summarise predictions against measurements.
 
     ``within_5pct`` and ``within_10pct`` are shares (0..1) of predictions within 5% and 10%
-    of the measurement; ``mape``, ``max_ape`` and ``median_error_pct`` (signed, positive when
-    predictions run high) are percentages. Metrics are ``None`` when there are no pairs.
+    of the measurement. ``mape``, ``max_ape`` and ``median_error_pct`` are percentages, and
+    ``median_error_pct`` is signed: positive when predictions run high. Metrics are ``None`` when there are no pairs.
     """
     count = len(measured)
     if count == 0:
@@ -632,13 +632,13 @@ def _select(
         if wanted is None:
             if len(present) > 1:
                 raise CostModelError(
-                    f"the measurements hold several {name} values {present}: choose one with "
+                    f"the measurements contain several {name} values {present}: choose one with "
                     f"{option} (or the {name}= argument of CostModel.fit)"
                 )
             wanted = present[0]
         elif wanted not in present:
             raise CostModelError(
-                f"{name}={wanted!r} has no measurements; the files hold {name} values {present}"
+                f"{name}={wanted!r} has no measurements; the files contain {name} values {present}"
             )
         remaining = [r for r in remaining if getattr(r, name) == wanted]
         selection[name] = wanted

@@ -34,8 +34,8 @@ OPS = ("linear", "model", "remainder")
 LEVELS = (0, 1, 2, 3)
 DEFAULT_DTYPE = "float32"
 
-# A record whose p90 exceeds its p10 by more than this factor is warned about: on a quiet
-# machine repeated decode steps stay within a few percent of each other.
+# A record whose p90 exceeds its p10 by more than this factor is warned about, because such
+# a spread usually means other work shared the machine during the measurement.
 SPREAD_WARN_RATIO = 1.5
 # Without percentiles, the same warning fires when std_ms / mean_ms exceeds this value.
 SPREAD_WARN_CV = 0.25
@@ -199,6 +199,7 @@ def _validate(record: Measurement) -> None:
         raise MeasurementError("device is missing: name the device the case was measured on")
     if record.op not in OPS:
         raise MeasurementError(f"op={record.op!r} is unknown: use one of {', '.join(OPS)}")
+
     _check_latency("median_ms", record.median_ms, required=True)
     for name in ("p10_ms", "p90_ms", "mean_ms"):
         _check_latency(name, getattr(record, name), required=False)
@@ -207,10 +208,12 @@ def _validate(record: Measurement) -> None:
             f"std_ms={record.std_ms} is invalid: give a finite, non-negative standard deviation"
         )
     _check_percentile_order(record)
+
     _check_count("tokens", record.tokens, minimum=1, required=True)
     _check_count("threads", record.threads, minimum=1, required=False)
     _check_count("repeats", record.repeats, minimum=1, required=False)
     _check_count("warmup", record.warmup, minimum=0, required=False)
+
     if not record.dtype:
         raise MeasurementError(f"dtype is empty: give the weight dtype, e.g. {DEFAULT_DTYPE}")
     if record.timestamp is not None:
@@ -221,6 +224,7 @@ def _validate(record: Measurement) -> None:
                 f"timestamp={record.timestamp!r} is invalid: give an ISO 8601 time such as "
                 "2026-12-04T20:15:00+00:00"
             ) from None
+
     if record.op == "linear":
         _validate_linear(record)
     else:
@@ -439,6 +443,7 @@ def _csv_rows(text: str) -> Iterator[tuple[int, int, dict[str, str]]]:
             f"line 1: unknown column(s) {unknown}: the columns of {FORMAT_VERSION} are "
             f"{', '.join(COLUMNS)}"
         )
+
     row = 0
     previous_line = reader.line_num
     while True:
@@ -762,7 +767,7 @@ def write_measurements(
 ) -> Path:
     """Write records to ``path`` as CSV (``.csv``) or JSON Lines (``.jsonl``, ``.json``).
 
-    With ``append``, records are added to an existing file; a CSV header is written only when
+    With ``append``, records are added to an existing file. A CSV header is written only when
     the file is new or empty, and an existing CSV header must match :data:`COLUMNS`.
     """
     path = Path(path)
