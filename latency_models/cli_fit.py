@@ -33,8 +33,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=DEFAULT_HOLDOUT,
         metavar="SHARE",
         help=(
-            "share of each model's whole-model records held out for the accuracy report; the "
-            f"rest calibrate the model's fixed part (default {DEFAULT_HOLDOUT})"
+            "share of each model's mixed level maps held out for the accuracy report; the "
+            "rest and all uniform maps calibrate the model's fixed part "
+            f"(default {DEFAULT_HOLDOUT})"
         ),
     )
     parser.set_defaults(func=run)

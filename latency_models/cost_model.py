@@ -15,10 +15,11 @@ Every level has its own lookups and regression, so a level measured slower than 
 predicted slower: nothing assumes that sparsity helps. A case with no basis raises
 :class:`CostModelError` naming the measurement that would supply one.
 
-Whole-model records validate the fit. Per (model, tokens), a share ``1 - holdout`` of them
-(at least one when the model has no remainder record) calibrates an additive correction; the
-rest are held out, and ``fit_report`` gives their accuracy: shares within 5% and 10%, MAPE and
-the Spearman rank correlation. docs/measurements.md describes the input records.
+Whole-model records validate the fit. Per (model, tokens), the uniform level maps and a share
+``1 - holdout`` of the mixed ones calibrate an additive correction (at least one record does
+when the model has no remainder record). The other mixed maps are held out, and ``fit_report``
+gives their accuracy: shares within 5% and 10%, MAPE and the Spearman rank correlation.
+docs/measurements.md describes the input records and these rules.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ MIN_REGRESSION_SHAPES = 3
 # The regression may predict weight sizes down to 1/1.25 of the smallest measured one and up
 # to 1.25x the largest. Further out, a cache boundary may change the bandwidth unseen.
 EXTRAPOLATION_MARGIN = 1.25
-# Share of each model's whole-model records held out for the fit report by default.
+# Share of each model's mixed level maps held out for the fit report by default.
 DEFAULT_HOLDOUT = 0.75
 # Bytes per weight value of each dtype name that measurements use.
 DTYPE_BYTES = {
@@ -295,7 +296,7 @@ class CostModel:
 
         ``device``, ``backend``, ``dtype`` and ``threads`` select records when the input
         contains several values; each may be left ``None`` when only one value occurs. ``holdout`` is the share
-        of each model's whole-model records kept out of calibration for the fit report.
+        of each model's mixed level maps kept out of calibration for the fit report.
         """
         if not 0.0 <= holdout <= 1.0:
             raise CostModelError(f"holdout={holdout} is invalid: give a share in [0, 1]")
@@ -759,14 +760,22 @@ def _levels_digest(record: Measurement) -> str:
     return f"{record.model}#{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
+def is_uniform(record: Measurement) -> bool:
+    """Return whether a model record runs all of its several layers at one level."""
+    levels = {level for _, _, level in record.levels.values()}
+    return len(record.levels) > 1 and len(levels) == 1
+
+
 def _split_model_records(
     whole: Sequence[Measurement], remainders: Sequence[Measurement], holdout: float
 ) -> tuple[dict[tuple[str, int], list[Measurement]], list[Measurement]]:
     """Split model records into calibration groups per (model, tokens) and held-out records.
 
-    Within a group the records are ordered by a hash of their level map, so the split is
-    reproducible and independent of file order. The first ``floor((1 - holdout) * n)``
-    calibrate, raised to one when the model has no remainder record.
+    Uniform level maps always calibrate: a search picks mixed maps, so those are what the
+    report should judge, and ``cn4 probe`` derives the remainder from the uniform maps. Mixed
+    maps are ordered by a hash of their level map, so the split is reproducible and
+    independent of file order. The first ``floor((1 - holdout) * n)`` of them calibrate too.
+    A model with no remainder record and no calibration record yet gets one.
     """
     with_remainder = {(r.model, r.tokens) for r in remainders}
     groups: dict[tuple[str, int], list[Measurement]] = {}
@@ -775,12 +784,13 @@ def _split_model_records(
     calibration: dict[tuple[str, int], list[Measurement]] = {}
     held_out: list[Measurement] = []
     for key, group in sorted(groups.items()):
-        group = sorted(group, key=_levels_digest)
-        count = math.floor((1.0 - holdout) * len(group) + 1e-9)
-        if key not in with_remainder:
+        uniform = [record for record in group if is_uniform(record)]
+        mixed = sorted((r for r in group if not is_uniform(r)), key=_levels_digest)
+        count = math.floor((1.0 - holdout) * len(mixed) + 1e-9)
+        if key not in with_remainder and not uniform:
             count = max(count, 1)
-        calibration[key] = group[:count]
-        held_out.extend(group[count:])
+        calibration[key] = uniform + mixed[:count]
+        held_out.extend(mixed[count:])
     return calibration, held_out
 
 

@@ -191,6 +191,42 @@ def test_one_record_calibrates_without_remainder():
     assert model.fit_report["count"] == 3
 
 
+def uniform_record(level: int, *, blocks: int = 6, model: str = "mamba-130m-shaped") -> Measurement:
+    level_map = {
+        f"backbone.layers.{block}.mixer.{name}": (out_features, in_features, level)
+        for block in range(blocks)
+        for (out_features, in_features), name in zip(BLOCK_SHAPES, ("in_proj", "x_proj", "dt_proj", "out_proj"))
+    }
+    truth = REMAINDER_MS + MODEL_OVERHEAD_MS + sum(true_layer_ms(*entry) for entry in level_map.values())
+    return Measurement(
+        device=DEVICE, backend=BACKEND, op="model", model=model, levels=level_map, median_ms=truth
+    )
+
+
+def test_uniform_maps_always_calibrate():
+    records = synthetic_records(model_records=8) + [uniform_record(level) for level in (0, 1, 2, 3)]
+
+    model = CostModel.fit(records, holdout=1.0)
+
+    assert model.fit_report["calibration_records"] == 4
+    assert model.fit_report["count"] == 8
+    part = model.fixed_parts[("mamba-130m-shaped", 1)]
+    assert part.correction_ms == pytest.approx(MODEL_OVERHEAD_MS, abs=0.08)
+    assert model.fit_report["within_5pct"] == 1.0
+
+
+def test_uniform_maps_replace_forced_calibration():
+    records = synthetic_records(remainder=False, model_records=4) + [uniform_record(0)]
+
+    model = CostModel.fit(records, holdout=1.0)
+
+    assert model.fit_report["calibration_records"] == 1
+    assert model.fit_report["count"] == 4
+    assert model.fixed_parts[("mamba-130m-shaped", 1)].total_ms == pytest.approx(
+        REMAINDER_MS + MODEL_OVERHEAD_MS, rel=0.05
+    )
+
+
 def test_split_independent_of_record_order():
     records = synthetic_records(model_records=12)
     shuffled = list(reversed(records))
