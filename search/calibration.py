@@ -134,7 +134,9 @@ def collect_layer_stats(
                 f"layer {name!r} received no input during the calibration pass: it is not "
                 "used by the model's forward"
             )
-        stats[name] = LayerStats(hessian=hessians[name], tokens=tokens[name])
+        # Rounding in addmm_ leaves the sum slightly asymmetric; Cholesky expects symmetry.
+        hessian = (hessians[name] + hessians[name].T) / 2
+        stats[name] = LayerStats(hessian=hessian, tokens=tokens[name])
     logger.info(
         "collected calibration statistics of %d layers over %d tokens",
         len(stats),
