@@ -1,0 +1,294 @@
+"""Workers: claim queued jobs, hold their lease from a heartbeat thread, run the search.
+
+A worker runs one job at a time. While the job runs, a heartbeat thread renews the lease every
+``heartbeat_seconds``; when a renewal fails (the lease expired and another worker took the job,
+or the job vanished) the search is told to stop, and whatever the worker reports afterwards is
+refused by the conditional writes in :mod:`service.queue`. Between jobs, and before each claim,
+the worker re-queues jobs whose lease expired, so a killed worker's job is picked up again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+
+from service import queue
+from service.config import ServiceSettings
+from service.tables import CANCELLED, FAILED, SUCCEEDED
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class JobContext:
+    """What a job runner gets: the job, where to write, and the callbacks of the search."""
+
+    job_id: int
+    attempt: int
+    spec: dict[str, Any]
+    out_dir: Path
+    on_trial: Callable[[dict[str, Any]], None]
+    should_stop: Callable[[], bool]
+    # Optuna RDB storage URL shared by the workers of this job, or None for an in-memory study.
+    storage: str | None
+    study_name: str
+    settings: ServiceSettings
+    engine: Engine = field(repr=False)
+
+
+# A job runner runs one job and returns its report. The default one runs the Optuna search.
+JobRunner = Callable[[JobContext], dict[str, Any]]
+
+
+class JobCancelled(Exception):
+    """Raised by a runner that stopped because the job was cancelled."""
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 100000}"
+
+
+class Worker:
+    """A job worker bound to one database; ``run`` loops until ``stop`` is called.
+
+    ``runner`` replaces the search (tests of the queue mechanics inject their own).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: ServiceSettings,
+        *,
+        runner: JobRunner | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.worker_id = worker_id or default_worker_id()
+        self._runner = runner
+        self._stopping = threading.Event()
+        self.jobs_done = 0
+
+    @property
+    def runner(self) -> JobRunner:
+        if self._runner is None:
+            from service.runner import run_search_job
+
+            self._runner = run_search_job
+        return self._runner
+
+    def stop(self) -> None:
+        """Ask the worker to finish: a running job is put back in the queue for another worker."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def run(self, *, max_jobs: int | None = None, exit_when_idle: bool = False) -> int:
+        """Claim and run jobs until stopped; return the number of jobs this worker ran."""
+        logger.info(
+            "worker %s started (lease %.1f s, heartbeat %.1f s, database %s)",
+            self.worker_id, self.settings.lease_seconds, self.settings.heartbeat_seconds,
+            self.engine.url.render_as_string(hide_password=True),
+        )
+        try:
+            while not self.stopping:
+                if max_jobs is not None and self.jobs_done >= max_jobs:
+                    break
+                ran = self.run_once()
+                if not ran:
+                    if exit_when_idle:
+                        break
+                    self._stopping.wait(self.settings.poll_seconds)
+        finally:
+            logger.info("worker %s stopped after %d jobs", self.worker_id, self.jobs_done)
+        return self.jobs_done
+
+    def run_once(self) -> bool:
+        """Re-queue expired jobs, claim one job and run it; False when none was queued."""
+        try:
+            queue.requeue_expired(self.engine)
+            claim = queue.claim_next_job(
+                self.engine, worker_id=self.worker_id, lease_seconds=self.settings.lease_seconds
+            )
+        except Exception:
+            # A database outage must not kill the worker: log it and try again after a poll.
+            logger.exception("worker %s could not poll the queue", self.worker_id)
+            return False
+        if claim is None:
+            return False
+        self._run_claim(claim)
+        self.jobs_done += 1
+        return True
+
+    def _run_claim(self, claim: queue.Claim) -> None:
+        lease = _Lease(self, claim)
+        lease.start()
+        out_dir = (
+            self.settings.resolved_data_dir / "jobs" / str(claim.job_id) / f"attempt-{claim.attempt}"
+        )
+        context = JobContext(
+            job_id=claim.job_id,
+            attempt=claim.attempt,
+            spec=claim.spec,
+            out_dir=out_dir,
+            on_trial=lease.on_trial,
+            should_stop=lease.should_stop,
+            storage=self._optuna_storage(),
+            study_name=f"cn4-job-{claim.job_id}",
+            settings=self.settings,
+            engine=self.engine,
+        )
+        state, report, error = SUCCEEDED, None, None
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            report = self.runner(context)
+            if lease.cancel_requested:
+                state = CANCELLED
+        except JobCancelled:
+            state = CANCELLED
+        except Exception as exc:
+            if lease.lost:
+                logger.warning(
+                    "job %d failed after worker %s lost its lease: %s", claim.job_id,
+                    self.worker_id, exc,
+                )
+            else:
+                logger.error(
+                    "job %d failed on worker %s (attempt %d): %s", claim.job_id, self.worker_id,
+                    claim.attempt, exc,
+                )
+                logger.debug("traceback of job %d:\n%s", claim.job_id, traceback.format_exc())
+            state, error = FAILED, f"{type(exc).__name__}: {exc}"
+        finally:
+            lease.close()
+
+        if lease.cancel_requested and state == FAILED:
+            state = CANCELLED
+        if lease.stopped_for_shutdown and state != CANCELLED and not lease.lost:
+            # The search was cut short by this worker's shutdown, not by the job: let another
+            # worker run it again.
+            if queue.release_job(self.engine, claim.job_id, claim.token):
+                logger.info("worker %s put job %d back in the queue", self.worker_id, claim.job_id)
+                return
+        queue.finish_job(
+            self.engine, claim.job_id, claim.token, state=state, result=report, error=error,
+            out_dir=str(out_dir),
+        )
+
+    def _optuna_storage(self) -> str | None:
+        # Several workers share one study only through a server database; on SQLite the study
+        # stays in memory, which keeps Optuna's writers off the job database's lock.
+        if self.engine.dialect.name == "postgresql":
+            return self.engine.url.render_as_string(hide_password=False)
+        return None
+
+
+class _Lease:
+    """Heartbeat thread and stop checks of one claimed job."""
+
+    def __init__(self, worker: Worker, claim: queue.Claim) -> None:
+        self.worker = worker
+        self.claim = claim
+        self.lost = False
+        self.cancel_requested = False
+        self.stopped_for_shutdown = False
+        self._closed = threading.Event()
+        self._last_check = 0.0
+        self._thread = threading.Thread(
+            target=self._beat, name=f"cn4-lease-{claim.job_id}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        settings = self.worker.settings
+        while not self._closed.wait(settings.heartbeat_seconds):
+            try:
+                held = queue.renew_lease(
+                    self.worker.engine, self.claim.job_id, self.claim.token,
+                    lease_seconds=settings.lease_seconds,
+                )
+            except Exception:
+                logger.exception(
+                    "worker %s could not renew the lease of job %d", self.worker.worker_id,
+                    self.claim.job_id,
+                )
+                continue
+            if not held:
+                self.lost = True
+                logger.warning(
+                    "worker %s lost the lease of job %d: stopping its search",
+                    self.worker.worker_id, self.claim.job_id,
+                )
+                return
+
+    def should_stop(self) -> bool:
+        """Polled by the search between trials: stop on cancel, lease loss or worker shutdown."""
+        if self.worker.stopping:
+            self.stopped_for_shutdown = True
+            return True
+        if self.lost or self.cancel_requested:
+            return True
+        # Read the database at most once per poll interval, however often the search asks.
+        if time.monotonic() - self._last_check < min(self.worker.settings.poll_seconds, 1.0):
+            return False
+        self._last_check = time.monotonic()
+        try:
+            held, cancel = queue.lease_status(self.worker.engine, self.claim.job_id, self.claim.token)
+        except Exception:
+            logger.exception("worker %s could not check job %d", self.worker.worker_id, self.claim.job_id)
+            return False
+        if not held:
+            self.lost = True
+        if cancel:
+            self.cancel_requested = True
+            logger.info("job %d: cancel noticed by worker %s", self.claim.job_id, self.worker.worker_id)
+        return self.lost or self.cancel_requested
+
+    def on_trial(self, record: dict[str, Any]) -> None:
+        try:
+            stored = queue.record_trial(self.worker.engine, self.claim.job_id, self.claim.token, record)
+        except Exception:
+            logger.exception(
+                "worker %s could not store trial %s of job %d", self.worker.worker_id,
+                record.get("number"), self.claim.job_id,
+            )
+            return
+        if not stored:
+            self.lost = True
+            logger.warning(
+                "trial %s of job %d refused: worker %s no longer holds the lease",
+                record.get("number"), self.claim.job_id, self.worker.worker_id,
+            )
+
+
+class WorkerThread:
+    """A worker running in a daemon thread of the API process (``cn4 serve``)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self._thread = threading.Thread(target=worker.run, name="cn4-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        self.worker.stop()
+        self._thread.join(timeout)
