@@ -10,8 +10,8 @@ load as is (``config.json``, ``model.safetensors``, tokenizer files), plus two f
     The keep mask of each pruned layer (level >= 1): a bool tensor of the weight's shape, True
     where the weight is kept. Each group of 4 consecutive input weights keeps exactly 4-n.
 
-Saving and loading both check that every pruned group holds at least n zeros, so an export that
-loads is an export whose levels hold.
+Saving and loading both check that every pruned group contains at least n zeros, so an export
+that loads meets its levels.
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ class LevelCheck:
     """Whether one layer's weight still meets its Cn4 level.
 
     ``groups`` counts the groups of 4 consecutive input weights, ``groups_below_level`` those
-    holding fewer than ``level`` zeros, and ``min_zeros`` the fewest zeros in any group. With a
-    keep mask, ``masked_nonzero`` counts pruned positions whose weight is not zero and
-    ``mask_groups_invalid`` the groups whose mask does not keep exactly 4 - level; without one
-    both are None.
+    with fewer than ``level`` zeros, and ``min_zeros`` the fewest zeros in any group. With a keep
+    mask, ``masked_nonzero`` counts pruned positions whose weight is not zero, and
+    ``mask_groups_invalid`` counts the groups whose mask does not keep exactly 4 - level. Without
+    a mask both are None.
     """
 
     name: str
@@ -79,7 +79,7 @@ class LevelCheck:
         problems = []
         if self.groups_below_level:
             problems.append(
-                f"{self.groups_below_level} of {self.groups} groups hold fewer than "
+                f"{self.groups_below_level} of {self.groups} groups contain fewer than "
                 f"{self.level} zeros (fewest: {self.min_zeros})"
             )
         if self.mask_groups_invalid:
@@ -100,10 +100,10 @@ def group_zero_counts(weight: torch.Tensor) -> torch.Tensor:
 
 
 def keep_mask_from_weight(weight: torch.Tensor, level: int) -> torch.Tensor:
-    """Return a keep mask (True = kept) that drops the ``level`` smallest-magnitude weights per group.
+    """Return a keep mask (True = kept) without the ``level`` smallest weights of each group.
 
     On a weight already pruned to ``level`` the dropped positions are exactly its zeros. Where a
-    group holds more zeros than ``level``, the lowest-indexed zeros are the ones marked pruned,
+    group contains more zeros than ``level``, the lowest-indexed zeros are the ones marked pruned,
     so every group keeps exactly 4 - level positions.
     """
     out_features, in_features = weight.shape
@@ -193,7 +193,7 @@ def save_pruned(
             for check in violations
         )
         raise PruningError(
-            f"refusing to save: {len(violations)} layers violate their Cn4 level:\n  {details}\n"
+            f"cannot save: {len(violations)} layers violate their Cn4 level:\n  {details}\n"
             "Prune these layers to their level (or lower the level) before saving"
         )
 
@@ -322,7 +322,7 @@ def load_pruned(path: str | Path) -> tuple[LoadedModel, dict[str, int]]:
 
     Returns the model (float32, eval mode) and the level of every eligible layer. Raises
     CheckpointError naming the layer when a mask is missing or malformed, a masked weight is
-    not zero, or a group holds fewer zeros than its level.
+    not zero, or a group contains fewer zeros than its level.
     """
     loaded = load_checkpoint(path)
     levels_path = loaded.path / LEVELS_FILE
@@ -345,7 +345,7 @@ def load_pruned(path: str | Path) -> tuple[LoadedModel, dict[str, int]]:
     try:
         checks = verify_levels(loaded.model, levels, masks=masks)
     except PruningError as exc:
-        raise CheckpointError(f"{loaded.path} holds an invalid mask: {exc}") from exc
+        raise CheckpointError(f"{loaded.path} contains an invalid mask: {exc}") from exc
 
     violations = [check for check in checks.values() if not check.ok]
     if violations:
@@ -420,7 +420,7 @@ def read_masks(masks_path: Path) -> dict[str, torch.Tensor]:
             )
         if mask.dtype == torch.uint8 and bool((mask > 1).any()):
             raise CheckpointError(
-                f"{masks_path}: mask {name!r} holds values other than 0 and 1"
+                f"{masks_path}: mask {name!r} contains values other than 0 and 1"
             )
         masks[name] = mask.to(torch.bool)
     return masks

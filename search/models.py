@@ -40,9 +40,9 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # Files that hold pickled Python objects: loading them can run arbitrary code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-# Any of these marks a saved tokenizer; AutoTokenizer needs at least one of them.
+# Files that mark a saved tokenizer. AutoTokenizer needs at least one of them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-# Floating dtypes as safetensors headers spell them; weights in any other dtype are rejected.
+# Floating dtypes as safetensors headers spell them. Weights in any other dtype are rejected.
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 _BLOCK_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -67,7 +67,7 @@ class LayerInfo:
     the block that holds it (None for ``lm_head``), ``kind`` one of ``in_proj``, ``x_proj``,
     ``dt_proj``, ``out_proj``, ``lm_head`` or ``conv1d``. For a Linear, ``out_features`` and
     ``in_features`` are its weight's shape. For the depthwise conv1d they are the channel count
-    and the taps per channel. ``reason`` says why an ineligible entry is ineligible.
+    and the taps per channel. ``reason`` explains why an entry is ineligible.
     """
 
     name: str
@@ -115,7 +115,7 @@ def resolve_model_dir(path: str | Path) -> Path:
     directory = Path(path).expanduser()
     if not directory.exists():
         raise CheckpointError(
-            f"checkpoint directory {str(directory)!r} not found: pass a directory that holds "
+            f"checkpoint directory {str(directory)!r} not found: pass a directory that contains "
             f"{CONFIG_NAME}, {SAFE_WEIGHTS_NAME} and the tokenizer files, or 'default'"
         )
     if not directory.is_dir():
@@ -161,7 +161,7 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
 
 
 def reject_pickle_files(directory: Path) -> None:
-    """Raise CheckpointError when the directory holds a pickle weight file, without opening it."""
+    """Raise CheckpointError if the directory contains a pickle weight file; none is opened."""
     pickles = sorted(
         entry.name
         for entry in directory.iterdir()
@@ -169,7 +169,7 @@ def reject_pickle_files(directory: Path) -> None:
     )
     if pickles:
         raise CheckpointError(
-            f"checkpoint {str(directory)!r} holds pickle files {pickles}: cn4 never unpickles "
+            f"checkpoint {str(directory)!r} contains pickle files {pickles}: cn4 never unpickles "
             "weights, because unpickling can run arbitrary code. Convert the checkpoint to "
             "safetensors (load it once where you trust it and call "
             "model.save_pretrained(DIR), which writes model.safetensors), then remove the "
@@ -193,7 +193,10 @@ def read_config(directory: Path) -> dict[str, Any]:
             "config.save_pretrained(DIR)"
         ) from exc
     if not isinstance(data, dict):
-        raise CheckpointError(f"{config_path} holds {type(data).__name__}, not a JSON object")
+        raise CheckpointError(
+            f"{config_path} contains a JSON {type(data).__name__}, not a JSON object: "
+            "rewrite it with config.save_pretrained(DIR)"
+        )
     supported = sorted(supported_architectures())
     model_type = data.get("model_type")
     if model_type not in supported:
@@ -234,7 +237,7 @@ def find_weight_files(directory: Path) -> list[Path]:
         return [single]
     others = sorted(entry.name for entry in directory.glob("*.safetensors"))
     hint = (
-        f" It holds {others}, but transformers loads only {SAFE_WEIGHTS_NAME} or the shards "
+        f" It contains {others}, but transformers loads only {SAFE_WEIGHTS_NAME} or the shards "
         f"listed in {SAFE_WEIGHTS_INDEX_NAME}: rename the weight file."
         if others
         else " Save the weights with model.save_pretrained(DIR)."
@@ -269,7 +272,9 @@ def read_tensor_headers(weight_files: Iterable[Path]) -> dict[str, tuple[tuple[i
     return headers
 
 
-def expected_tensors(model_class: type, config: Any) -> tuple[dict[str, tuple[int, ...]], list[set[str]]]:
+def expected_tensors(
+    model_class: type, config: Any
+) -> tuple[dict[str, tuple[int, ...]], list[set[str]]]:
     """Build the model on the meta device and return its tensor shapes and tied-tensor groups.
 
     A tied group lists state-dict names that share one parameter (``lm_head.weight`` and
@@ -322,7 +327,7 @@ def check_tensors_match_config(model_class: type, config: Any, weight_files: lis
 
 
 def load_tokenizer(directory: Path) -> Any:
-    """Load the tokenizer saved beside the weights; nothing is downloaded."""
+    """Load the tokenizer saved beside the weights, from local files only."""
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(
             f"checkpoint {str(directory)!r} has no tokenizer (none of {list(TOKENIZER_FILES)}): "
@@ -414,7 +419,7 @@ def eligible_layers(model: nn.Module) -> list[LayerInfo]:
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
-    """Return the submodule at module path ``name``; raise PruningError naming it if absent."""
+    """Return the submodule at module path ``name``, or raise PruningError naming it."""
     try:
         return model.get_submodule(name)
     except AttributeError as exc:
@@ -491,7 +496,8 @@ def format_layer_report(report: list[LayerInfo]) -> str:
     lines.append("")
     lines.append(
         f"{len(eligible)} of {len(linears)} Linear layers eligible; "
-        f"{eligible_weights:,} of {total_weights:,} Linear weights ({share:.1f}%) in eligible layers"
+        f"{eligible_weights:,} of {total_weights:,} Linear weights ({share:.1f}%) "
+        "in eligible layers"
     )
     return "\n".join(lines)
 
@@ -532,7 +538,7 @@ def _input_embedding_weight(model: nn.Module) -> torch.Tensor | None:
 def _shares_storage(first: torch.Tensor, second: torch.Tensor) -> bool:
     if first is second:
         return True
-    # Meta tensors have no storage to compare; there identity above is the only evidence.
+    # Meta tensors have no storage to compare, so identity is the only evidence there.
     if first.device.type == "meta" or second.device.type == "meta":
         return False
     return first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()

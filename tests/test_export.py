@@ -192,7 +192,7 @@ def test_levels_file_contents(pruned_mamba, tmp_path):
     assert record["layers"]["backbone.layers.0.mixer.x_proj"]["pattern"] == "1 zeros / 3 kept"
     assert record["layers"]["backbone.layers.0.mixer.dt_proj"]["pattern"] == "3 zeros / 1 kept"
     assert record["layers"]["backbone.layers.1.mixer.x_proj"]["pattern"] == "0 zeros / 4 kept"
-    # Zeroed weights: in_proj 256*64/2 + x_proj 20*128/4 + dt_proj 128*4*3/4 + out_proj 64*128/2 = 13312.
+    # Zeroed: in_proj 256*64/2 + x_proj 20*128/4 + dt_proj 128*4*3/4 + out_proj 64*128/2 = 13312.
     assert record["zeroed_share_of_eligible_weights"] == pytest.approx(13312 / 55296)
 
 
@@ -231,7 +231,7 @@ def test_save_rejects_violating_layer(tiny_mamba_dir, tmp_path):
     message = str(error.value)
     # in_proj is 256 x 64: 4096 groups, each holding exactly 1 zero after level-1 pruning.
     assert "backbone.layers.0.mixer.in_proj at level 2 (2 zeros / 2 kept)" in message
-    assert "4096 of 4096 groups hold fewer than 2 zeros (fewest: 1)" in message
+    assert "4096 of 4096 groups contain fewer than 2 zeros (fewest: 1)" in message
     assert not out_dir.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -298,7 +298,7 @@ def test_load_rejects_changed_weight(pruned_mamba, tmp_path):
         load_pruned(export_dir)
     message = str(error.value)
     assert f"{name} at level 2 (2 zeros / 2 kept)" in message
-    assert "5 of 2048 groups hold fewer than 2 zeros (fewest: 1)" in message
+    assert "5 of 2048 groups contain fewer than 2 zeros (fewest: 1)" in message
     assert "5 masked weights are not zero" in message
 
 

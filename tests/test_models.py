@@ -303,14 +303,15 @@ def test_layer_report_mamba(tiny_mamba_dir):
 
 
 def test_layer_report_mamba2(tiny_mamba2_dir):
-    report = layer_report(load_checkpoint(tiny_mamba2_dir).model)
+    model = load_checkpoint(tiny_mamba2_dir).model
+    report = layer_report(model)
 
     block_entries = [info for info in report if info.block is not None]
     assert [info.kind for info in block_entries] == MAMBA2_KINDS * 2
     head = report[-1]
     assert head.kind == "lm_head"
     assert head.eligible
-    assert [info.name for info in eligible_layers(load_checkpoint(tiny_mamba2_dir).model)] == [
+    assert [info.name for info in eligible_layers(model)] == [
         "backbone.layers.0.mixer.in_proj",
         "backbone.layers.0.mixer.out_proj",
         "backbone.layers.1.mixer.in_proj",
@@ -340,7 +341,8 @@ def test_tied_head_ineligible(tiny_mamba_dir):
     assert head.name == "lm_head"
     assert not head.eligible
     assert "tied to the input embedding" in head.reason
-    assert "lm_head" not in [info.name for info in eligible_layers(load_checkpoint(tiny_mamba_dir).model)]
+    eligible_names = [info.name for info in eligible_layers(load_checkpoint(tiny_mamba_dir).model)]
+    assert "lm_head" not in eligible_names
 
 
 def test_tied_mamba2_head_ineligible():
@@ -369,7 +371,8 @@ def test_hidden_size_32_dt_proj_ineligible(tmp_path):
     assert dt_proj.in_features == 2
     assert not dt_proj.eligible
     assert dt_proj.reason.startswith("in_features=2 is fewer than 4")
-    assert [info.kind for info in eligible_layers(loaded.model)] == ["in_proj", "x_proj", "out_proj"]
+    eligible_kinds = [info.kind for info in eligible_layers(loaded.model)]
+    assert eligible_kinds == ["in_proj", "x_proj", "out_proj"]
 
     ids = loaded.tokenizer("All the world", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -414,7 +417,8 @@ def test_format_layer_report(tiny_mamba_dir):
     lines = text.splitlines()
 
     assert lines[0].split() == ["layer", "block", "kind", "out", "in", "eligible", "reason"]
-    assert lines[2].split()[:6] == ["backbone.layers.0.mixer.conv1d", "0", "conv1d", "128", "4", "no"]
+    first_row = lines[2].split()
+    assert first_row[:6] == ["backbone.layers.0.mixer.conv1d", "0", "conv1d", "128", "4", "no"]
     # 8 eligible block Linears of 2 * (256*64 + 20*128 + 128*4 + 64*128) weights, head 96*64.
     assert lines[-1] == (
         "8 of 9 Linear layers eligible; 55,296 of 61,440 Linear weights (90.0%) in eligible layers"
@@ -429,9 +433,14 @@ def test_cli_layers_table(tiny_mamba_dir, capsys):
 
     output = capsys.readouterr().out
     assert "(mamba, fingerprint " in output
-    rows = {line.split()[0]: line for line in output.splitlines() if line.startswith(("backbone", "lm_head"))}
+    rows = {
+        line.split()[0]: line
+        for line in output.splitlines()
+        if line.startswith(("backbone", "lm_head"))
+    }
     assert len(rows) == 11
-    assert rows["backbone.layers.1.mixer.x_proj"].split()[1:6] == ["1", "x_proj", "20", "128", "yes"]
+    x_proj_cells = rows["backbone.layers.1.mixer.x_proj"].split()
+    assert x_proj_cells[1:6] == ["1", "x_proj", "20", "128", "yes"]
     assert "tied to the input embedding" in rows["lm_head"]
     assert "8 of 9 Linear layers eligible" in output
 
