@@ -141,6 +141,34 @@ def test_default_model_loads_float32():
     assert eligible_layers(loaded.model)
 
 
+def test_load_sharded_checkpoint(tiny_mamba2_dir, tmp_path):
+    dense = load_checkpoint(tiny_mamba2_dir)
+    directory = tmp_path / "sharded"
+    dense.model.save_pretrained(directory, max_shard_size="100KB")
+    dense.tokenizer.save_pretrained(directory)
+    shards = sorted(directory.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    assert (directory / "model.safetensors.index.json").is_file()
+
+    loaded = load_checkpoint(directory)
+
+    for name, tensor in loaded.model.state_dict().items():
+        assert torch.equal(tensor, dense.model.state_dict()[name]), name
+
+
+def test_load_sharded_missing_shard(tiny_mamba2_dir, tmp_path):
+    dense = load_checkpoint(tiny_mamba2_dir)
+    directory = tmp_path / "sharded"
+    dense.model.save_pretrained(directory, max_shard_size="100KB")
+    dense.tokenizer.save_pretrained(directory)
+    shard = sorted(directory.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+
+    with pytest.raises(CheckpointError, match="names shard files") as error:
+        load_checkpoint(directory)
+    assert shard.name in str(error.value)
+
+
 # Loading errors
 
 
