@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,7 +198,10 @@ def save_pruned(
         )
 
     levels_record = _levels_record(loaded, levels, metadata_json)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    # A plain mkdir, not tempfile.mkdtemp, so the export gets the umask's permissions, not 0700.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
     try:
         model.save_pretrained(staging)
         loaded.tokenizer.save_pretrained(staging)
@@ -247,7 +250,6 @@ def _prepare_out_dir(out_dir: Path, source: Path, *, overwrite: bool) -> Path:
             f"out_dir {str(out_dir)!r} is not empty: choose a new directory, or pass "
             "overwrite=True to replace it"
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     return out_dir
 
 

@@ -196,6 +196,17 @@ def test_levels_file_contents(pruned_mamba, tmp_path):
     assert record["zeroed_share_of_eligible_weights"] == pytest.approx(13312 / 55296)
 
 
+def test_export_dir_follows_umask(pruned_mamba, tmp_path):
+    loaded, _ = pruned_mamba
+    umask = os.umask(0)
+    os.umask(umask)
+
+    export_dir = save_pruned(loaded, MAMBA_LEVELS, tmp_path / "export")
+
+    assert export_dir.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert [path.name for path in tmp_path.iterdir()] == ["export"]
+
+
 def test_masks_file_matches_pruning(pruned_mamba, tmp_path):
     loaded, masks = pruned_mamba
     export_dir = save_pruned(loaded, MAMBA_LEVELS, tmp_path / "export")
@@ -223,7 +234,7 @@ def test_save_passes_given_masks(pruned_mamba, tmp_path):
 def test_save_rejects_violating_layer(tiny_mamba_dir, tmp_path):
     loaded = load_checkpoint(tiny_mamba_dir)
     prune_by_magnitude(loaded.model, {"backbone.layers.0.mixer.in_proj": 1})
-    out_dir = tmp_path / "export"
+    out_dir = tmp_path / "runs" / "export"
 
     with pytest.raises(PruningError) as error:
         save_pruned(loaded, {"backbone.layers.0.mixer.in_proj": 2}, out_dir)
@@ -232,7 +243,6 @@ def test_save_rejects_violating_layer(tiny_mamba_dir, tmp_path):
     # in_proj is 256 x 64: 4096 groups, each holding exactly 1 zero after level-1 pruning.
     assert "backbone.layers.0.mixer.in_proj at level 2 (2 zeros / 2 kept)" in message
     assert "4096 of 4096 groups contain fewer than 2 zeros (fewest: 1)" in message
-    assert not out_dir.exists()
     assert list(tmp_path.iterdir()) == []
 
 
