@@ -75,6 +75,8 @@ def create_job(body: JobCreate, session: SessionDep, engine: EngineDep, settings
     """Queue one search job. A known idempotency key returns the existing job (200 in spirit,
     201 always, so clients need one code path)."""
     new_job = _validated(session, body, settings)
+    # End the read transaction first: on SQLite it holds the write lock that submit_jobs needs.
+    session.rollback()
     [(job_id, _created)] = queue.submit_jobs(engine, [new_job], max_attempts=settings.max_attempts)
     session.expire_all()
     return job_out(_get_job(session, job_id))
@@ -95,6 +97,7 @@ def create_batch(body: JobBatchCreate, session: SessionDep, engine: EngineDep, s
             new_jobs.append(_validated(session, item, settings))
         except ValueError as exc:
             raise HTTPException(status_code=422, detail=f"jobs[{index}]: {exc}") from None
+    session.rollback()
     results = queue.submit_jobs(engine, new_jobs, max_attempts=settings.max_attempts)
     items = [
         BatchItemOut(id=job_id, created=created, idempotency_key=job.idempotency_key)

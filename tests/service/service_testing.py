@@ -1,0 +1,138 @@
+"""Helpers of the service tests: databases, a uvicorn server thread, tiny jobs and measurements."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import uvicorn
+
+
+def _root_conftest():
+    """The repository's tests/conftest.py, which holds ``write_tiny_checkpoint``."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "conftest.py"
+    spec = importlib.util.spec_from_file_location("cn4_root_conftest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+write_tiny_checkpoint = _root_conftest().write_tiny_checkpoint
+
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+BACKENDS = ("sqlite", "postgresql")
+
+
+def postgres_available() -> bool:
+    try:
+        with psycopg.connect(POSTGRES_ADMIN_URL, connect_timeout=3):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+def create_database(backend: str, directory: Path) -> str:
+    """Create an empty database and return its URL."""
+    if backend == "sqlite":
+        return f"sqlite:///{directory / f'cn4-{secrets.token_hex(4)}.db'}"
+    if not postgres_available():
+        pytest.skip("PostgreSQL is not running on 127.0.0.1:5432 (scripts/test.sh starts it)")
+    name = f"cn4_test_{secrets.token_hex(6)}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+
+def drop_database(url: str) -> None:
+    if not url.startswith("postgresql"):
+        return
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def tiny_measurements(model_dir: Path, *, device: str = "test-cpu") -> list[dict]:
+    """Linear records at every level for each eligible shape, plus the model's remainder.
+
+    Latency grows with the kept weights, so sparser levels predict faster and a budget of 0.8
+    of the dense latency is reachable.
+    """
+    from latency_models.probe import model_id
+    from search.models import eligible_layers, load_checkpoint
+
+    loaded = load_checkpoint(model_dir)
+    shapes = sorted({(layer.out_features, layer.in_features) for layer in eligible_layers(loaded.model)})
+    records = [
+        {
+            "format": "cn4.latency/1", "device": device, "op": "linear", "out_features": out,
+            "in_features": inp, "level": level, "tokens": 1,
+            "median_ms": 0.002 + 0.001 * out * inp * (4 - level) / 4096,
+        }
+        for out, inp in shapes
+        for level in range(4)
+    ]
+    records.append({
+        "format": "cn4.latency/1", "device": device, "op": "remainder",
+        "model": model_id(loaded), "tokens": 1, "median_ms": 0.005,
+    })
+    return records
+
+
+def tiny_job_spec(model: str, device: str, *, trials: int = 3, **extra) -> dict:
+    """A search spec small enough for a test: a few trials on 2 windows of 16 tokens."""
+    spec = {
+        "model": model, "device": device, "trials": trials, "budget_ratio": 0.8,
+        "calibration_windows": 2, "window": 16, "evaluation_windows": 2, "proxy_windows": 1,
+        "measure": False,
+    }
+    spec.update(extra)
+    return spec
+
+
+class ServerThread:
+    """A real uvicorn server on 127.0.0.1 and a free port, run in a thread of the test process."""
+
+    def __init__(self, app) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start within 30 s")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
+def wait_for(condition, *, timeout: float, interval: float = 0.1, message: str = "condition"):
+    """Poll ``condition()`` until it returns a truthy value; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{message} not met within {timeout} s (last value {value!r})")
+        time.sleep(interval)
