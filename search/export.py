@@ -142,8 +142,8 @@ def verify_levels(
                 )
             mask = mask.to(torch.bool)
             masked_nonzero = int(((~mask) & (weight != 0)).sum())
-            kept = mask.reshape(zeros.shape[0], zeros.shape[1], GROUP_SIZE).sum(dim=-1)
-            mask_groups_invalid = int((kept != GROUP_SIZE - level).sum())
+            kept_per_group = mask.reshape(zeros.shape[0], zeros.shape[1], GROUP_SIZE).sum(dim=-1)
+            mask_groups_invalid = int((kept_per_group != GROUP_SIZE - level).sum())
         checks[name] = LevelCheck(
             name=name,
             level=level,

@@ -111,7 +111,7 @@ def resolve_model_dir(path: str | Path) -> Path:
                 "Reinstall cn4 (the model ships in search/embedded/model) or pass a checkpoint "
                 "directory"
             )
-        return DEFAULT_MODEL_DIR
+        return DEFAULT_MODEL_DIR.resolve()
     directory = Path(path).expanduser()
     if not directory.exists():
         raise CheckpointError(
