@@ -74,6 +74,8 @@ class SearchContext:
     cost_model: Any
     calibration_windows: Any
     timings: dict[str, float]
+    # Single-layer losses behind the greedy baseline and the repair of infeasible proposals.
+    losses: dict[str, dict[int, float]] | None = None
 
     @property
     def directions(self) -> list[str]:
@@ -296,6 +298,7 @@ def compute_seeds(context: SearchContext) -> dict[str, dict[str, int]]:
     seeds = dict(uniform_allocations(table, spec.levels, budget, spec.sparsity_target))
 
     losses = single_layer_losses(context.layers, spec.levels, context.evaluator.proxy_loss)
+    context.losses = losses
     greedy = greedy_allocation(table, spec.levels, losses, budget, spec.sparsity_target)
     if greedy is not None:
         seeds["greedy"] = greedy
@@ -349,6 +352,8 @@ def create_study(
 def enqueue_seeds(study: optuna.Study, seeds: Mapping[str, Mapping[str, int]]) -> None:
     """Enqueue each baseline once; a configuration already in the study is not enqueued again."""
     for name, level_map in seeds.items():
+        if in_study(study, level_map):
+            continue
         study.enqueue_trial(dict(level_map), user_attrs={"seed_name": name}, skip_if_exists=True)
 
 
@@ -416,13 +421,45 @@ def evaluate_trial(
     if reason is not None:
         trial.set_user_attr("reason", reason)
         study.tell(trial, state=TrialState.PRUNED)
-        return trial_record(study, trial.number, context)
+        enqueue_repair(study, trial.number, level_map, context)
+        return trial_record(study, trial.number)
 
     try:
         quality = context.evaluator.objective(level_map)
     except Cn4Error as exc:
         return fail_trial(study, trial, f"quality measurement failed: {exc}")
     return tell_quality(study, trial, quality, latency, context)
+
+
+def enqueue_repair(
+    study: optuna.Study, number: int, level_map: dict[str, int], context: SearchContext
+) -> None:
+    """Enqueue the greedy repair of an infeasible proposal as a coming trial.
+
+    The sampler learns from the infeasible trial; the repair raises the levels of the layers
+    with the least loss per millisecond saved until the configuration fits, so the sampler's
+    region is also measured. A repair already in the study is not enqueued again.
+    """
+    if context.losses is None:
+        return
+    spec = context.spec
+    repaired = greedy_allocation(
+        context.table, spec.levels, context.losses, context.budget, spec.sparsity_target,
+        start=level_map,
+    )
+    if repaired is None or repaired == level_map or in_study(study, repaired):
+        return
+    study.enqueue_trial(repaired, user_attrs={"seed_name": f"repair-{number}"}, skip_if_exists=True)
+
+
+def in_study(study: optuna.Study, level_map: Mapping[str, int]) -> bool:
+    """Return whether a trial (finished, running or waiting) already has these levels."""
+    key = level_key(level_map)
+    for frozen in study.get_trials(deepcopy=False):
+        params = frozen.system_attrs.get("fixed_params", frozen.params)
+        if level_key(params) == key:
+            return True
+    return False
 
 
 def tell_quality(
@@ -438,7 +475,7 @@ def tell_quality(
     trial.set_user_attr("quality", quality)
     values = [quality, latency] if context.spec.multi_objective else quality
     study.tell(trial, values)
-    return trial_record(study, trial.number, context)
+    return trial_record(study, trial.number)
 
 
 def fail_trial(study: optuna.Study, trial: optuna.Trial, reason: str) -> dict:
@@ -446,14 +483,15 @@ def fail_trial(study: optuna.Study, trial: optuna.Trial, reason: str) -> dict:
     logger.warning("trial %d failed: %s", trial.number, reason)
     trial.set_user_attr("reason", reason)
     study.tell(trial, state=TrialState.FAIL)
-    return record_from_trial(study.trials[trial.number], budget=None)
+    return trial_record(study, trial.number)
 
 
-def trial_record(study: optuna.Study, number: int, context: SearchContext) -> dict:
-    return record_from_trial(study.trials[number], budget=context.budget)
+def trial_record(study: optuna.Study, number: int) -> dict:
+    # Trial numbers count from 0 across the study, also with several workers.
+    return record_from_trial(study.get_trials(deepcopy=False)[number])
 
 
-def record_from_trial(frozen: FrozenTrial, *, budget: Budget | None) -> dict:
+def record_from_trial(frozen: FrozenTrial) -> dict:
     """Return the JSON-ready record of a finished trial (what ``on_trial`` receives)."""
     attrs = frozen.user_attrs
     feasible = (
@@ -482,7 +520,7 @@ def record_from_trial(frozen: FrozenTrial, *, budget: Budget | None) -> dict:
 def finished_records(study: optuna.Study) -> list[dict]:
     """Return the records of every finished trial in the study, in trial order."""
     return [
-        record_from_trial(frozen, budget=None)
+        record_from_trial(frozen)
         for frozen in study.get_trials(deepcopy=False, states=FINISHED_STATES)
     ]
 
