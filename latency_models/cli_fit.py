@@ -7,6 +7,9 @@ import sys
 from typing import Any, TextIO
 
 from latency_models.cost_model import DEFAULT_HOLDOUT, CostModel, fit_files
+from search.errors import CostModelError
+
+DEFAULT_FOLDS = 5
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -38,13 +41,26 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             f"(default {DEFAULT_HOLDOUT})"
         ),
     )
+    parser.add_argument(
+        "--folds",
+        type=int,
+        default=DEFAULT_FOLDS,
+        metavar="K",
+        help=(
+            "also estimate accuracy by K-fold cross-validation over the mixed level maps; "
+            f"0 skips it (default {DEFAULT_FOLDS})"
+        ),
+    )
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.folds == 1 or args.folds < 0:
+        raise CostModelError(f"--folds {args.folds} is invalid: give 0 (skip) or 2 or more")
     model = fit_files(
         args.files,
+        folds=args.folds,
         device=args.device,
         backend=args.backend,
         dtype=args.dtype,
@@ -87,10 +103,10 @@ def print_report(model: CostModel, stream: TextIO) -> None:
 
     for (level, tokens), regression in sorted(model.regressions.items()):
         slope = regression.coefficients[1]
-        bandwidth = f"{1e-6 / slope:.1f} GB/s" if slope > 0 else "n/a"
+        bandwidth = f"{1e-6 / slope:.3g} GB/s" if slope > 0 else "n/a"
         print(
             f"    level {level}, tokens {tokens}: {regression.shapes} shapes, overhead "
-            f"{regression.coefficients[0] * 1000:.1f} us, weight bandwidth {bandwidth}, "
+            f"{regression.coefficients[0] * 1000:.3g} us, weight bandwidth {bandwidth}, "
             f"fit MAPE {regression.fit_mape:.1f}%",
             file=stream,
         )
@@ -115,6 +131,16 @@ def print_report(model: CostModel, stream: TextIO) -> None:
         f"Spearman: {_number(report.get('spearman'))}",
         file=stream,
     )
+
+    folds = report.get("cross_validation")
+    if folds and folds["folds"] > 0:
+        print(
+            f"  {folds['folds']}-fold cross-validation over {folds['count']} mixed maps "
+            f"(unpredicted: {folds['unpredicted']}): within 5%: {_share(folds.get('within_5pct'))}, "
+            f"within 10%: {_share(folds.get('within_10pct'))}, MAPE: "
+            f"{_number(folds.get('mape'), '%', 2)}, Spearman: {_number(folds.get('spearman'))}",
+            file=stream,
+        )
 
     loo = report.get("layer_loo") or {}
     if loo.get("count"):

@@ -493,11 +493,10 @@ class CostModel:
             raise CostModelError(f"{path}: {exc}") from None
 
 
-def fit_files(paths: Sequence[str | Path], **options: Any) -> CostModel:
-    """Read measurement files, pool them and fit a :class:`CostModel` (``options`` go to fit).
+def read_files(paths: Sequence[str | Path]) -> tuple[list[Measurement], list[str]]:
+    """Read and validate measurement files; return their pooled records and the warnings.
 
-    Duplicates across files are combined once, after pooling. Warnings raised while reading
-    are kept in the model's ``warnings``.
+    Duplicates are left in place, so that a fit combines them once across all files.
     """
     if not paths:
         raise CostModelError("no measurement files given: pass at least one .csv or .jsonl file")
@@ -507,9 +506,69 @@ def fit_files(paths: Sequence[str | Path], **options: Any) -> CostModel:
         result = read_measurements(path, combine=False)
         records.extend(result.records)
         warnings.extend(result.warnings)
+    return records, warnings
+
+
+def fit_files(paths: Sequence[str | Path], *, folds: int = 0, **options: Any) -> CostModel:
+    """Read measurement files, pool them and fit a :class:`CostModel` (``options`` go to fit).
+
+    Duplicates across files are combined once, after pooling. Warnings raised while reading
+    are kept in the model's ``warnings``. With ``folds`` >= 2, the result of
+    :func:`cross_validate` is added to the fit report as ``cross_validation``.
+    """
+    records, warnings = read_files(paths)
     model = CostModel.fit(records, **options)
     model.warnings[:0] = warnings
+    if folds:
+        selection = {k: v for k, v in options.items() if k in ("device", "backend", "dtype", "threads")}
+        model.fit_report["cross_validation"] = cross_validate(records, folds=folds, **selection)
     return model
+
+
+def cross_validate(
+    records: Iterable[Measurement],
+    *,
+    folds: int = 5,
+    device: str | None = None,
+    backend: str | None = None,
+    dtype: str | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Estimate whole-model accuracy by k-fold cross-validation over the mixed level maps.
+
+    The mixed maps are dealt into ``folds`` folds in the order of their level-map hash. Each
+    fold is predicted by a model fitted to all other records, with every remaining mixed map
+    calibrating (``holdout=0``). Every mixed map is predicted once, so the estimate uses all
+    of them, where the fit report uses one split. Returns :func:`accuracy_report` plus
+    ``folds`` and ``unpredicted``.
+    """
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise CostModelError(f"folds={folds!r} is invalid: give an integer >= 2")
+    selected, _ = _select(list(records), device, backend, dtype, threads)
+    combined, _ = combine_duplicates(selected)
+    mixed = sorted(
+        (r for r in combined if r.op == "model" and not is_uniform(r)), key=_levels_digest
+    )
+    folds = min(folds, len(mixed))
+    measured: list[float] = []
+    predicted: list[float] = []
+    unpredicted = 0
+    for fold in range(folds):
+        tested = mixed[fold::folds]
+        tested_ids = {id(record) for record in tested}
+        model = CostModel.fit([r for r in combined if id(r) not in tested_ids], holdout=0.0)
+        for record in tested:
+            try:
+                value = model.predict_model(record.levels, model=record.model, tokens=record.tokens)
+            except CostModelError as exc:
+                logger.info("cross-validation could not predict %s: %s", _levels_digest(record), exc)
+                unpredicted += 1
+                continue
+            measured.append(record.median_ms)
+            predicted.append(value)
+    report = accuracy_report(measured, predicted)
+    report.update(folds=folds, unpredicted=unpredicted)
+    return report
 
 
 # ---------------------------------------------------------------------------------------------

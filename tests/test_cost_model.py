@@ -22,6 +22,7 @@ from latency_models.cost_model import (
     FORMAT_VERSION,
     CostModel,
     accuracy_report,
+    cross_validate,
     fit_files,
     spearman,
     weight_bytes,
@@ -156,6 +157,35 @@ def test_layer_leave_one_out(fitted):
 
     assert loo["count"] > 10
     assert loo["mape"] < 10.0
+
+
+def test_cross_validation_predicts_every_mixed_map():
+    records = synthetic_records() + [uniform_record(level) for level in (0, 3)]
+
+    report = cross_validate(records, folds=5)
+
+    assert report["folds"] == 5
+    assert report["count"] == 40
+    assert report["unpredicted"] == 0
+    assert report["within_10pct"] == 1.0
+    assert report["mape"] < 2.0
+    assert report["spearman"] > 0.9
+
+
+def test_cross_validation_counts_unpredicted():
+    # Without a remainder or uniform map, a model whose only mixed map is tested has no basis.
+    records = synthetic_records(remainder=False, model_records=1)
+
+    report = cross_validate(records, folds=5)
+
+    assert report["folds"] == 1
+    assert report["count"] == 0
+    assert report["unpredicted"] == 1
+
+
+def test_cross_validation_rejects_one_fold():
+    with pytest.raises(CostModelError, match="folds=1 is invalid"):
+        cross_validate(synthetic_records(model_records=2), folds=1)
 
 
 def test_holdout_zero_reports_nothing():
@@ -532,8 +562,11 @@ def test_cli_fit_writes_model(tmp_path, capsys):
         assert report[key] is not None
     assert report["count"] == 9
     assert report["within_10pct"] == 1.0
+    assert data["fit_report"]["cross_validation"]["count"] == 12
+    assert data["fit_report"]["cross_validation"]["folds"] == 5
     printed = capsys.readouterr().out
     assert "held-out model records: 9" in printed
+    assert "5-fold cross-validation over 12 mixed maps" in printed
     assert "within 10%: 100.0%" in printed
     assert f"wrote {out}" in printed
 
@@ -561,6 +594,13 @@ def test_cli_fit_rejects_invalid_file(tmp_path, capsys):
     assert "row 3 (line 4): median_ms=-1.0 is invalid" in error
     assert str(source) in error
     assert not out.exists()
+
+
+def test_cli_fit_rejects_one_fold(tmp_path, capsys):
+    source = write_valid_file(tmp_path)
+
+    assert main(["fit", str(source), "--folds", "1"]) == 1
+    assert "--folds 1 is invalid" in capsys.readouterr().err
 
 
 def test_cli_fit_device_choice(tmp_path, capsys):
