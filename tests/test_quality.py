@@ -19,6 +19,16 @@ from search.quality import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # On a shared machine, oversubscribed thread pools make the many small ops of the OBS sweep
+    # and the Mamba scan tens of times slower than one thread.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def random_windows(vocab: int, count: int, length: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (count, length), generator=generator)

@@ -20,6 +20,16 @@ from search.errors import PruningError
 from search.models import eligible_layers, load_checkpoint
 from search.variants import MANIFEST_NAME, VariantCache, apply_level_map, assemble
 
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # On a shared machine, oversubscribed thread pools make the many small ops of the OBS sweep
+    # and the Mamba scan tens of times slower than one thread.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 LEVELS = (1, 2, 3)
 
 
@@ -118,24 +128,32 @@ def test_second_cache_served_from_disk(prepared):
         assert torch.equal(again.load(name, 2), cache.load(name, 2))
 
 
-def test_cache_reused_across_processes(prepared):
-    loaded, names, _, cache, _, _, _ = prepared
+def child_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_cache_reused_across_processes(tiny_mamba2_dir, tmp_path):
+    loaded = load_checkpoint(tiny_mamba2_dir)
+    names = [info.name for info in eligible_layers(loaded.model)]
+    cache = make_cache(tmp_path, loaded, "magnitude")
+    cache.prepare(loaded.model, names, LEVELS, None)
     script = (
         "import sys\n"
         "from search.models import load_checkpoint\n"
         "from search.variants import VariantCache\n"
         "loaded = load_checkpoint(sys.argv[1])\n"
         "cache = VariantCache(sys.argv[2], model_fingerprint=loaded.fingerprint,\n"
-        "                     calibration_fingerprint='windows-seed-0', method='obs')\n"
+        "                     calibration_fingerprint='windows-seed-0', method='magnitude')\n"
         "report = cache.prepare(loaded.model, sys.argv[3].split(','), [1, 2, 3], None)\n"
         "print(report.computed, report.reused, cache.key)\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", script, str(loaded.path), str(cache.directory.parent), ",".join(names)],
+        [sys.executable, "-c", script, str(loaded.path), str(tmp_path), ",".join(names)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         check=True,
+        env=child_env(),
     )
     computed, reused, key = result.stdout.split()
     assert int(computed) == 0
@@ -263,8 +281,9 @@ def test_default_root_under_cn4_home(prepared, cn4_home):
     assert cache.directory.parent == cn4_home / "variants"
 
 
-def test_killed_run_leaves_whole_entries(prepared, tmp_path):
-    loaded, names, _, _, _, _, _ = prepared
+def test_killed_run_leaves_whole_entries(tiny_mamba2_dir, tmp_path):
+    loaded = load_checkpoint(tiny_mamba2_dir)
+    names = [info.name for info in eligible_layers(loaded.model)]
     # A child process prunes by magnitude in a loop under fresh keys; kill it mid-write.
     script = (
         "import itertools, sys\n"
@@ -282,10 +301,11 @@ def test_killed_run_leaves_whole_entries(prepared, tmp_path):
         [sys.executable, "-c", script, str(loaded.path), str(tmp_path), ",".join(names)],
         stdout=subprocess.PIPE,
         text=True,
+        env=child_env(),
     )
     try:
         assert child.stdout.readline().strip() == "ready"
-        time.sleep(1.5)
+        time.sleep(2.0)
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=30)
