@@ -67,9 +67,10 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         holdout=args.holdout,
     )
-    for message in model.warnings:
-        print(f"warning: {message}", file=sys.stderr)
     print_report(model, sys.stdout)
+    if model.warnings:
+        # Each warning was logged to stderr when it was raised.
+        print(f"{len(model.warnings)} warning(s), logged above: check them before trusting the fit")
     if args.out:
         path = model.save(args.out)
         print(f"wrote {path}")

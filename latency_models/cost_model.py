@@ -295,15 +295,41 @@ class CostModel:
         """Fit a cost model to the records of one device, backend, dtype and thread count.
 
         ``device``, ``backend``, ``dtype`` and ``threads`` select records when the input
-        contains several values; each may be left ``None`` when only one value occurs. ``holdout`` is the share
-        of each model's mixed level maps kept out of calibration for the fit report.
+        contains several values; each may be left ``None`` when only one value occurs.
+        ``holdout`` is the share of each model's mixed level maps kept out of calibration for
+        the fit report. Warnings (conflicting duplicates, clamped fixed parts, held-out records
+        with no basis) are logged and kept in ``warnings``.
         """
+        model = cls._fit_quietly(
+            records, device=device, backend=backend, dtype=dtype, threads=threads, holdout=holdout
+        )
+        for message in model.warnings:
+            logger.warning("%s", message)
+        logger.info(
+            "fitted the cost model of %s: %d layer cases, %d regressions, %d held-out models",
+            model.name,
+            len(model.layers),
+            len(model.regressions),
+            model.fit_report["count"],
+        )
+        return model
+
+    @classmethod
+    def _fit_quietly(
+        cls,
+        records: Iterable[Measurement],
+        *,
+        device: str | None,
+        backend: str | None,
+        dtype: str | None,
+        threads: int | None,
+        holdout: float,
+    ) -> CostModel:
+        """Fit as :meth:`fit` does, but only collect the warnings: cross-validation refits."""
         if not 0.0 <= holdout <= 1.0:
             raise CostModelError(f"holdout={holdout} is invalid: give a share in [0, 1]")
         selected, selection = _select(list(records), device, backend, dtype, threads)
         combined, warnings = combine_duplicates(selected)
-        for message in warnings:
-            logger.warning("%s", message)
 
         linear = [r for r in combined if r.op == "linear"]
         remainders = [r for r in combined if r.op == "remainder"]
@@ -330,7 +356,8 @@ class CostModel:
         model.fixed_parts = {(part.model, part.tokens): part for part in fixed_parts}
         model.warnings.extend(calibration_warnings)
 
-        report = model._evaluate(held_out)
+        report, unpredicted = model._evaluate(held_out)
+        model.warnings.extend(f"held-out {message}" for message in unpredicted)
         report.update(
             holdout=holdout,
             calibration_records=sum(len(group) for group in calibration.values()),
@@ -345,13 +372,6 @@ class CostModel:
             layer_loo=_leave_one_out(entries, regressions, value_bytes),
         )
         model.fit_report = report
-        logger.info(
-            "fitted the cost model of %s: %d layer cases, %d regressions, %d held-out models",
-            model.name,
-            len(entries),
-            len(regressions),
-            report["count"],
-        )
         return model
 
     def _calibrate(
@@ -373,7 +393,9 @@ class CostModel:
                         for o, i, level in record.levels.values()
                     )
                 except CostModelError as exc:
-                    warnings.append(f"model record {_levels_digest(record)} not used to calibrate: {exc}")
+                    warnings.append(
+                        f"model record {_levels_digest(record)} not used to calibrate: {exc}"
+                    )
                     continue
                 residuals.append(record.median_ms - ((remainder or 0.0) + layer_sum))
             if remainder is None and not residuals:
@@ -387,11 +409,9 @@ class CostModel:
                     "the layer measurements overestimate this model, so measure them again"
                 )
             parts.append(part)
-        for message in warnings:
-            logger.warning("%s", message)
         return parts, warnings
 
-    def _evaluate(self, held_out: Sequence[Measurement]) -> dict[str, Any]:
+    def _evaluate(self, held_out: Sequence[Measurement]) -> tuple[dict[str, Any], list[str]]:
         measured: list[float] = []
         predicted: list[float] = []
         unpredicted: list[str] = []
@@ -405,12 +425,10 @@ class CostModel:
                 continue
             measured.append(record.median_ms)
             predicted.append(value)
-        for message in unpredicted:
-            logger.warning("held-out %s", message)
         report = accuracy_report(measured, predicted)
         report["unpredicted"] = len(unpredicted)
         report["unpredicted_reasons"] = unpredicted[:10]
-        return report
+        return report, unpredicted
 
     # -----------------------------------------------------------------------------------------
     # Serialisation
@@ -556,7 +574,10 @@ def cross_validate(
     for fold in range(folds):
         tested = mixed[fold::folds]
         tested_ids = {id(record) for record in tested}
-        model = CostModel.fit([r for r in combined if id(r) not in tested_ids], holdout=0.0)
+        training = [r for r in combined if id(r) not in tested_ids]
+        model = CostModel._fit_quietly(
+            training, device=None, backend=None, dtype=None, threads=None, holdout=0.0
+        )
         for record in tested:
             try:
                 value = model.predict_model(record.levels, model=record.model, tokens=record.tokens)

@@ -530,7 +530,11 @@ def sniff_format(text: str) -> str:
 
 
 def parse_measurements(
-    text: str | bytes, fmt: str | None = None, *, combine: bool = True
+    text: str | bytes,
+    fmt: str | None = None,
+    *,
+    combine: bool = True,
+    source: str | None = None,
 ) -> MeasurementFile:
     """Parse and validate measurement records from the text of a CSV or JSON Lines file.
 
@@ -538,8 +542,23 @@ def parse_measurements(
     Bytes are decoded as UTF-8 (a byte-order mark is allowed). Raises
     :class:`MeasurementError` naming the data row (1-based), the line and the field of the
     first invalid record. With ``combine``, duplicates of one case are merged by
-    :func:`combine_duplicates`.
+    :func:`combine_duplicates`. Errors and warnings start with ``source`` (a file name or an
+    upload name) when it is given; warnings are also logged.
     """
+    prefix = f"{source}: " if source else ""
+    try:
+        records, warnings = _parse(text, fmt, combine)
+    except MeasurementError as exc:
+        raise MeasurementError(f"{prefix}{exc}") from None
+    warnings = [f"{prefix}{message}" for message in warnings]
+    for message in warnings:
+        logger.warning("%s", message)
+    return MeasurementFile(records, warnings)
+
+
+def _parse(
+    text: str | bytes, fmt: str | None, combine: bool
+) -> tuple[list[Measurement], list[str]]:
     if isinstance(text, (bytes, bytearray)):
         try:
             text = bytes(text).decode("utf-8-sig")
@@ -575,19 +594,19 @@ def parse_measurements(
             f"no measurement records found: the file needs at least one data row "
             f"({FORMAT_VERSION})"
         )
+
     if combine:
         records, duplicate_warnings = combine_duplicates(records, locations=locations)
         warnings.extend(duplicate_warnings)
-    for message in warnings:
-        logger.warning("%s", message)
-    return MeasurementFile(records, warnings)
+    return records, warnings
 
 
 def read_measurements(path: str | Path, *, combine: bool = True) -> MeasurementFile:
     """Read and validate a measurement file; the suffix selects the format.
 
     ``.csv`` is CSV with a header row; ``.jsonl`` and ``.ndjson`` are JSON Lines; ``.json`` is
-    JSON Lines or one JSON array of records. Errors name the file, the data row and the line.
+    JSON Lines or one JSON array of records. Errors and warnings name the file, the data row
+    and the line.
     """
     path = Path(path)
     fmt = SUFFIX_FORMATS.get(path.suffix.lower())
@@ -602,18 +621,7 @@ def read_measurements(path: str | Path, *, combine: bool = True) -> MeasurementF
         raise MeasurementError(f"{path}: measurement file not found") from None
     except OSError as exc:
         raise MeasurementError(f"{path}: cannot read the measurement file ({exc})") from None
-    try:
-        result = parse_measurements(data, fmt, combine=False)
-    except MeasurementError as exc:
-        raise MeasurementError(f"{path}: {exc}") from None
-    warnings = [f"{path}: {message}" for message in result.warnings]
-    records = result.records
-    if combine:
-        records, duplicate_warnings = combine_duplicates(records)
-        for message in duplicate_warnings:
-            logger.warning("%s: %s", path, message)
-        warnings.extend(f"{path}: {message}" for message in duplicate_warnings)
-    return MeasurementFile(records, warnings)
+    return parse_measurements(data, fmt, combine=combine, source=str(path))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ bound Cn4 kernel is.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -571,16 +572,20 @@ def test_cli_fit_writes_model(tmp_path, capsys):
     assert f"wrote {out}" in printed
 
 
-def test_cli_fit_pools_files(tmp_path, capsys):
+def test_cli_fit_pools_files(tmp_path, capsys, caplog):
     first = write_valid_file(tmp_path, "a.jsonl")
-    second = write_measurements([linear_record(3072, 768, 0, 5000.0)], tmp_path / "b.csv")
+    second = write_measurements([linear_record(3072, 768, 0, 0.5)], tmp_path / "b.csv")
 
-    status = main(["fit", str(first), str(second)])
+    with caplog.at_level(logging.WARNING):
+        status = main(["fit", str(first), str(second)])
 
     assert status == 0
-    captured = capsys.readouterr()
-    assert "conflicting duplicates" in captured.err
-    assert "1 duplicates combined" in captured.out
+    printed = capsys.readouterr().out
+    assert "1 duplicates combined" in printed
+    assert "1 warning(s), logged above" in printed
+    conflicts = [m for m in caplog.messages if "conflicting duplicates" in m]
+    assert len(conflicts) == 1
+    assert "shape=3072x768 level=0" in conflicts[0]
 
 
 def test_cli_fit_rejects_invalid_file(tmp_path, capsys):
