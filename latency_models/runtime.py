@@ -85,16 +85,17 @@ def swap_linears(model: nn.Module, level_map: Mapping[str, int]) -> dict[str, nn
     name, an invalid level, a weight with too few zeros, a layer already swapped) leaves the
     model unchanged. Returns the replaced Linears by name, for :func:`restore_linears`.
     """
+    for name in level_map:
+        if isinstance(get_module(model, name), Cn4Linear):
+            raise PruningError(
+                f"layer {name!r} is a Cn4Linear: it was swapped already, so restore it with "
+                f"restore_linears first"
+            )
     levels = check_level_map(model, level_map)
     replacements: dict[str, Cn4Linear] = {}
     originals: dict[str, nn.Linear] = {}
     for name, level in levels.items():
         module = get_module(model, name)
-        if not isinstance(module, nn.Linear):
-            raise PruningError(
-                f"layer {name!r} is a {type(module).__name__}, not an nn.Linear: it was "
-                f"swapped already, so restore it with restore_linears first"
-            )
         try:
             replacements[name] = Cn4Linear(module, level)
         except PruningError as exc:
