@@ -16,7 +16,7 @@ the conv window and the recurrent state of one sequence (batch size 1).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numba
@@ -25,6 +25,7 @@ import torch
 
 from latency_models import kernels
 from search.errors import PruningError
+from search.models import check_level_map
 
 logger = logging.getLogger(__name__)
 
@@ -183,17 +184,13 @@ class EngineLinear:
     in_features: int
     level: int
     weight: np.ndarray | None
-    packed: object | None
+    packed: kernels.PackedCn4 | None
     bias: np.ndarray | None
 
     def __call__(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         if self.packed is not None:
-            kernels.cn4_matvec(self.packed, x, out=out)
-        else:
-            kernels.dense_matvec(self.weight, x, out=out)
-        if self.bias is not None:
-            out += self.bias
-        return out
+            return kernels.cn4_matvec(self.packed, x, out=out)
+        return kernels.dense_matvec(self.weight, x, out=out, bias=self.bias)
 
 
 def _as_array(tensor) -> np.ndarray:
@@ -220,22 +217,6 @@ def zero_smallest_per_group(weight: np.ndarray, n: int) -> np.ndarray:
     return result
 
 
-def _check_level(name: str, weight: np.ndarray, level: int) -> None:
-    out_features, in_features = weight.shape
-    if in_features % 4:
-        raise PruningError(
-            f"layer {name} has in_features={in_features}, not a multiple of 4: it cannot run at "
-            f"level {level}; leave it out of the level map"
-        )
-    zeros = (weight.reshape(out_features, in_features // 4, 4) == 0).sum(axis=-1)
-    short = int((zeros < level).sum())
-    if short:
-        raise PruningError(
-            f"layer {name} has {short} groups of 4 with fewer than {level} zeros, so it does not "
-            f"meet level {level}: prune it first, or pass prune_to_levels=True for timing only"
-        )
-
-
 # ---------------------------------------------------------------------------------------------
 # Engine
 
@@ -244,14 +225,11 @@ class DecodeEngine:
     """Greedy single-sequence decoding of a Hugging Face Mamba or Mamba2 model in numba kernels.
 
     ``model`` is a loaded ``MambaForCausalLM`` or ``Mamba2ForCausalLM`` in fp32 and ``level_map``
-    maps Linear names (``backbone.layers.0.mixer.in_proj``) to Cn4 levels. Those Linears must
-    already have at least ``level`` zeros in every group of 4 along the input dimension, unless
-    ``prune_to_levels`` is set: then the engine's own copies get the ``level`` smallest |w| of
-    each group zeroed, which is meant for timing runs. Linears left out of the map, and those at
-    level 0, run dense; ``lm_head`` always runs dense.
-
-    ``skip_linears`` names Linears whose GEMV the step leaves out (their output buffers keep
-    zeros). The probe uses it to time the work that no level changes.
+    maps eligible Linear names (``backbone.layers.0.mixer.in_proj``) to Cn4 levels. Those
+    Linears must already have at least ``level`` zeros in every group of 4 along the input
+    dimension, unless ``prune_to_levels`` is set: then the engine's own copies get the ``level``
+    smallest |w| of each group zeroed, which is meant for timing runs. Linears left out of the
+    map, and those at level 0, run dense, as does an ``lm_head`` tied to the embedding.
 
     The engine copies the weights, so later changes to ``model`` do not reach it.
     """
@@ -262,7 +240,6 @@ class DecodeEngine:
         level_map: Mapping[str, int] | None = None,
         *,
         prune_to_levels: bool = False,
-        skip_linears: Iterable[str] = (),
     ) -> None:
         config = model.config
         model_type = getattr(config, "model_type", None)
@@ -278,10 +255,8 @@ class DecodeEngine:
                 f"{SUPPORTED_ACTIVATIONS}"
             )
         self.arch = model_type
-        self.level_map = {name: int(level) for name, level in (level_map or {}).items()}
-        self.skip_linears = frozenset(skip_linears)
+        self.level_map = check_level_map(model, dict(level_map or {}))
         self._prune_to_levels = prune_to_levels
-        self._check_level_map(model)
 
         backbone = model.backbone
         self.embedding = _as_array(backbone.embeddings.weight)
@@ -290,12 +265,13 @@ class DecodeEngine:
         self.final_norm = _as_array(backbone.norm_f.weight)
         lm_head = model.lm_head
         if lm_head.weight.data_ptr() == backbone.embeddings.weight.data_ptr():
-            head_weight = self.embedding
+            # Tied to the embedding, so ineligible for pruning: share the array.
+            bias = _as_array(lm_head.bias) if lm_head.bias is not None else None
+            self.lm_head = EngineLinear(
+                "lm_head", self.vocab_size, self.hidden_size, 0, self.embedding, None, bias
+            )
         else:
-            head_weight = _as_array(lm_head.weight)
-        self.lm_head = EngineLinear("lm_head", *head_weight.shape, 0, head_weight, None, None)
-        if lm_head.bias is not None:
-            self.lm_head.bias = _as_array(lm_head.bias)
+            self.lm_head = self._linear("lm_head", lm_head)
 
         self.blocks = [self._build_block(index, layer) for index, layer in enumerate(backbone.layers)]
         self.linears = [
@@ -316,38 +292,23 @@ class DecodeEngine:
 
     # -- construction --------------------------------------------------------------------------
 
-    def _check_level_map(self, model) -> None:
-        linears = {
-            name
-            for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear)
-        }
-        unknown = sorted(set(self.level_map) - linears)
-        if unknown:
-            raise PruningError(
-                f"level map names {unknown[:3]}, which are not Linears of this model: use module "
-                "paths such as 'backbone.layers.0.mixer.in_proj'"
-            )
-        bad = {name: level for name, level in self.level_map.items() if level not in (0, 1, 2, 3)}
-        if bad:
-            raise PruningError(f"levels {bad} are invalid: a Cn4 level is 0, 1, 2 or 3 zeros of 4")
-        if self.level_map.get("lm_head", 0):
-            raise PruningError("lm_head cannot take a Cn4 level in the decode engine: drop it from the map")
-
-    def _linear(self, name: str, module) -> EngineLinear:
+    def _linear(self, name: str, module, *, with_bias: bool = True) -> EngineLinear:
         weight = _as_array(module.weight)
-        bias = _as_array(module.bias) if module.bias is not None else None
+        bias = _as_array(module.bias) if with_bias and module.bias is not None else None
         level = self.level_map.get(name, 0)
-        packed = None
-        if level > 0:
-            if self._prune_to_levels:
-                weight = zero_smallest_per_group(weight, level)
-            else:
-                _check_level(name, weight, level)
-            packed = kernels.pack_cn4(weight, level)
-            weight = None
-        out_features, in_features = module.weight.shape
-        return EngineLinear(name, out_features, in_features, level, weight, packed, bias)
+        out_features, in_features = weight.shape
+        if level == 0:
+            return EngineLinear(name, out_features, in_features, 0, weight, None, bias)
+        if self._prune_to_levels:
+            weight = zero_smallest_per_group(weight, level)
+        try:
+            packed = kernels.pack_cn4(weight, level, bias)
+        except PruningError as exc:
+            raise PruningError(
+                f"layer {name} does not meet level {level}: {exc}. Prune it first, or pass "
+                "prune_to_levels=True for a timing run"
+            ) from exc
+        return EngineLinear(name, out_features, in_features, level, None, packed, bias)
 
     def _build_block(self, index: int, layer) -> dict:
         prefix = f"backbone.layers.{index}.mixer"
@@ -356,7 +317,14 @@ class DecodeEngine:
             "in_proj",
             "out_proj",
         )
-        linears = {short: self._linear(f"{prefix}.{short}", getattr(mixer, short)) for short in names}
+        # The scan adds dt_proj's bias before softplus, as transformers does, so its GEMV
+        # leaves the bias out.
+        linears = {
+            short: self._linear(
+                f"{prefix}.{short}", getattr(mixer, short), with_bias=short != "dt_proj"
+            )
+            for short in names
+        }
         conv_weight = _as_array(mixer.conv1d.weight)[:, 0, :]  # (channels, kernel)
         channels, kernel = conv_weight.shape
         conv_bias = (
@@ -390,18 +358,16 @@ class DecodeEngine:
                 n_groups=int(mixer.n_groups),
             )
         else:
-            dt_proj = linears["dt_proj"]
+            dt_bias = mixer.dt_proj.bias
             block.update(
                 state=np.zeros((mixer.intermediate_size, mixer.ssm_state_size), dtype=np.float32),
-                # The scan adds dt_proj's bias before softplus, as transformers does.
-                dt_bias=dt_proj.bias if dt_proj.bias is not None else np.zeros(
-                    mixer.intermediate_size, dtype=np.float32
-                ),
+                dt_bias=_as_array(dt_bias)
+                if dt_bias is not None
+                else np.zeros(mixer.intermediate_size, dtype=np.float32),
                 rank=int(mixer.time_step_rank),
                 dbc=np.zeros(linears["x_proj"].out_features, dtype=np.float32),
                 dt_raw=np.zeros(mixer.intermediate_size, dtype=np.float32),
             )
-            dt_proj.bias = None
         return block
 
     # -- decoding ------------------------------------------------------------------------------
@@ -417,20 +383,15 @@ class DecodeEngine:
         if not 0 <= token_id < self.vocab_size:
             raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
         _embed(self.embedding, token_id, self.residual, self.delta)
-        skip = self.skip_linears
         for block in self.blocks:
             linears = block["linears"]
             _add_rmsnorm(self.residual, self.delta, block["norm"], self.eps, self.normed)
-            in_proj = linears["in_proj"]
-            if in_proj.name not in skip:
-                in_proj(self.normed, block["projected"])
+            linears["in_proj"](self.normed, block["projected"])
             if self.arch == "mamba2":
                 self._mamba2_mix(block)
             else:
-                self._mamba_mix(block, skip)
-            out_proj = linears["out_proj"]
-            if out_proj.name not in skip:
-                out_proj(block["mixed"], self.delta)
+                self._mamba_mix(block)
+            linears["out_proj"](block["mixed"], self.delta)
         _add_rmsnorm(self.residual, self.delta, self.final_norm, self.eps, self.normed)
         return self.lm_head(self.normed, self.logits)
 
@@ -453,16 +414,16 @@ class DecodeEngine:
             block["mixed"],
         )
 
-    def _mamba_mix(self, block: dict, skip: frozenset) -> None:
+    def _mamba_mix(self, block: dict) -> None:
         projected = block["projected"]
         inner = block["state"].shape[0]
         linears = block["linears"]
-        _conv_step(projected[:inner], block["window"], block["conv_weight"], block["conv_bias"],
-                   block["conv_out"])
-        if linears["x_proj"].name not in skip:
-            linears["x_proj"](block["conv_out"], block["dbc"])
-        if linears["dt_proj"].name not in skip:
-            linears["dt_proj"](block["dbc"][: block["rank"]], block["dt_raw"])
+        _conv_step(
+            projected[:inner], block["window"], block["conv_weight"], block["conv_bias"],
+            block["conv_out"],
+        )
+        linears["x_proj"](block["conv_out"], block["dbc"])
+        linears["dt_proj"](block["dbc"][: block["rank"]], block["dt_raw"])
         _mamba_scan_step(
             block["conv_out"],
             block["dt_raw"],
