@@ -97,6 +97,15 @@ class LayerEntry:
     median_ms: float
     repeats: int | None = None
 
+    def __post_init__(self) -> None:
+        _require_int("out_features", self.out_features, 1)
+        _require_int("in_features", self.in_features, 1)
+        _require_level(self.level)
+        _require_int("tokens", self.tokens, 1)
+        _require_finite("median_ms", self.median_ms, positive=True)
+        if self.repeats is not None:
+            _require_int("repeats", self.repeats, 1)
+
 
 @dataclass(frozen=True)
 class LevelRegression:
@@ -113,6 +122,20 @@ class LevelRegression:
     weight_bytes_max: float
     shapes: int
     fit_mape: float
+
+    def __post_init__(self) -> None:
+        _require_level(self.level)
+        _require_int("tokens", self.tokens, 1)
+        if len(self.coefficients) != len(REGRESSION_FEATURES):
+            raise ValueError(
+                f"coefficients={list(self.coefficients)} is invalid: give one per feature "
+                f"{list(REGRESSION_FEATURES)}"
+            )
+        for coefficient in self.coefficients:
+            _require_finite("coefficients", coefficient, positive=False)
+        _require_finite("weight_bytes_min", self.weight_bytes_min, positive=True)
+        _require_finite("weight_bytes_max", self.weight_bytes_max, positive=True)
+        _require_int("shapes", self.shapes, MIN_REGRESSION_SHAPES)
 
     def features(self, out_features: int, in_features: int, value_bytes: int) -> np.ndarray:
         return np.array(
@@ -147,6 +170,19 @@ class FixedPart:
     remainder_ms: float | None
     correction_ms: float
     calibration_records: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model={self.model!r} is invalid: give the model id")
+        _require_int("tokens", self.tokens, 1)
+        if self.remainder_ms is not None:
+            _require_finite("remainder_ms", self.remainder_ms, positive=True)
+        correction = self.correction_ms
+        if isinstance(correction, bool) or not isinstance(correction, (int, float)):
+            raise ValueError(f"correction_ms={correction!r} is invalid: give a finite number")
+        if not math.isfinite(correction):
+            raise ValueError(f"correction_ms={correction!r} is invalid: give a finite number")
+        _require_int("calibration_records", self.calibration_records, 0)
 
     @property
     def total_ms(self) -> float:
@@ -469,7 +505,8 @@ class CostModel:
         try:
             regressions = []
             for raw in data["regressions"]:
-                regressions.append(LevelRegression(**dict(raw, coefficients=tuple(raw["coefficients"]))))
+                coefficients = tuple(raw["coefficients"])
+                regressions.append(LevelRegression(**dict(raw, coefficients=coefficients)))
             return cls(
                 device=data["device"],
                 backend=data["backend"],
@@ -482,7 +519,7 @@ class CostModel:
                 warnings=data.get("warnings") or (),
                 created=data.get("created"),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise CostModelError(
                 f"the cost model is incomplete or damaged ({type(exc).__name__}: {exc}); "
                 "refit it with `cn4 fit MEASUREMENTS --out FILE`"
@@ -665,6 +702,23 @@ def accuracy_report(measured: Sequence[float], predicted: Sequence[float]) -> di
 
 # ---------------------------------------------------------------------------------------------
 # Fitting helpers
+
+
+def _require_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}={value!r} is invalid: give an integer >= {minimum}")
+
+
+def _require_level(value: Any) -> None:
+    if isinstance(value, bool) or value not in LEVELS:
+        raise ValueError(f"level={value!r} is invalid: a Cn4 level is 0, 1, 2 or 3")
+
+
+def _require_finite(name: str, value: Any, *, positive: bool) -> None:
+    number_like = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
+    if not number_like or not math.isfinite(value) or value < 0 or (positive and value == 0):
+        bound = "positive" if positive else "non-negative"
+        raise ValueError(f"{name}={value!r} is invalid: give a finite, {bound} number")
 
 
 def _value_bytes(dtype: str) -> int:

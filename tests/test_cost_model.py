@@ -501,6 +501,41 @@ def test_load_rejects_damaged_file(fitted, tmp_path):
         CostModel.load(path)
 
 
+@pytest.mark.parametrize(
+    ("table", "field", "value", "fragment"),
+    [
+        ("layers", "median_ms", -1.0, "median_ms=-1.0 is invalid"),
+        ("layers", "level", 4, "level=4 is invalid"),
+        ("layers", "out_features", "3072", "out_features='3072' is invalid"),
+        ("regressions", "coefficients", [0.1, float("nan"), 0.0], "coefficients=nan is invalid"),
+        ("regressions", "coefficients", [0.1, 0.2], "coefficients=[0.1, 0.2] is invalid"),
+        ("fixed_parts", "remainder_ms", float("inf"), "remainder_ms=inf is invalid"),
+        ("fixed_parts", "model", "", "model='' is invalid"),
+    ],
+)
+def test_load_rejects_invalid_values(fitted, tmp_path, table, field, value, fragment):
+    data = fitted.to_dict()
+    data[table][0][field] = value
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(data))
+
+    with pytest.raises(CostModelError) as caught:
+        CostModel.load(path)
+
+    assert "incomplete or damaged" in str(caught.value)
+    assert fragment in str(caught.value)
+
+
+def test_load_rejects_non_text_dtype(fitted, tmp_path):
+    data = fitted.to_dict()
+    data["dtype"] = 4
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(data))
+
+    with pytest.raises(CostModelError, match="incomplete or damaged"):
+        CostModel.load(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Metrics
 
