@@ -82,7 +82,13 @@ class Measurement:
     format: str = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        if self.levels is not None:
+            object.__setattr__(self, "levels", _normalised_levels(self.levels))
         _validate(self)
+
+    def __hash__(self) -> int:
+        # The generated hash would fail on the ``levels`` dict; equal records share a case key.
+        return hash((self.case_key(), self.median_ms))
 
     def case_key(self) -> tuple:
         """Return what identifies the measured case: records with equal keys are duplicates."""
@@ -269,6 +275,23 @@ def _validate_whole_model(record: Measurement) -> None:
         _check_count(f"levels[{layer!r}] out_features", out_features, minimum=1, required=True)
         _check_count(f"levels[{layer!r}] in_features", in_features, minimum=1, required=True)
         _check_level(f"levels[{layer!r}] level", level)
+
+
+def _normalised_levels(levels: Any) -> dict[str, tuple[int, int, int]]:
+    """Return ``levels`` as a dict of tuples, so that lists from JSON compare equal."""
+    if not isinstance(levels, Mapping):
+        raise MeasurementError(
+            f"levels={levels!r} is invalid: give a mapping "
+            '{"layer_name": [out_features, in_features, level], ...}'
+        )
+    normalised = {}
+    for layer, entry in levels.items():
+        if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+            raise MeasurementError(
+                f"levels[{layer!r}]={entry!r} is invalid: give [out_features, in_features, level]"
+            )
+        normalised[str(layer)] = tuple(entry)
+    return normalised
 
 
 def _check_latency(name: str, value: float | None, *, required: bool) -> None:

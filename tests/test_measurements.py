@@ -360,11 +360,21 @@ def test_missing_file_rejected(tmp_path):
         read_measurements(tmp_path / "absent.csv")
 
 
+def test_record_levels_lists_normalised():
+    record = Measurement(device="x86", op="model", model="m", levels={"a": [8, 4, 1]}, median_ms=1.0)
+
+    assert record.levels == {"a": (8, 4, 1)}
+    assert record == Measurement(device="x86", op="model", model="m", levels={"a": (8, 4, 1)}, median_ms=1.0)
+    assert len({record, record}) == 1
+
+
 def test_record_constructor_validates():
     with pytest.raises(MeasurementError, match="level=7 is unknown"):
         Measurement(device="x86", op="linear", out_features=4, in_features=4, level=7, median_ms=1.0)
     with pytest.raises(MeasurementError, match="model is missing"):
         Measurement(device="x86", op="remainder", median_ms=1.0)
+    with pytest.raises(MeasurementError, match=r"levels\['a'\]=\(8, 4\) is invalid"):
+        Measurement(device="x86", op="model", model="m", levels={"a": (8, 4)}, median_ms=1.0)
 
 
 # ---------------------------------------------------------------------------------------------
