@@ -4,9 +4,10 @@ Usage::
 
     python benchmarks/cost_model_accuracy.py probe-embedded.jsonl [more files] [--device NAME]
 
-It fits the files as ``cn4 fit`` does, then prints one Markdown table row per file group for
-docs/benchmarks.md: the held-out report (mixed level maps not used to calibrate), the k-fold
-cross-validation over all mixed maps, and the median wall and CPU time of one fit. Measurement files come from
+It fits the files as ``cn4 fit`` does and prints one Markdown table row for
+docs/benchmarks.md. The row gives the held-out report (mixed level maps not used to
+calibrate), the k-fold cross-validation over all mixed maps, and the median wall and CPU time
+of one fit. Measurement files come from
 ``cn4 probe``; this script measures nothing on the device itself.
 """
 
