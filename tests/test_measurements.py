@@ -143,6 +143,20 @@ def test_parse_bytes_with_bom_and_sniffed_format():
     assert parse_measurements(jsonl).records == sample_records()
 
 
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_parse_accepts_crlf_line_ends(fmt):
+    text = format_measurements(sample_records(), fmt).replace("\n", "\r\n")
+
+    assert parse_measurements(text.encode("utf-8"), fmt).records == sample_records()
+
+
+def test_parse_error_names_upload_source():
+    text = csv_text(linear_row("0"))
+
+    with pytest.raises(MeasurementError, match=r"^upload m\.csv: row 1 \(line 2\): median_ms=0\.0"):
+        parse_measurements(text, "csv", source="upload m.csv")
+
+
 def test_parse_rejects_invalid_utf8():
     with pytest.raises(MeasurementError, match="not valid UTF-8"):
         parse_measurements(b"format,device\n\xff\xfe", "csv")
