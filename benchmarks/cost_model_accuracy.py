@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT, help="held-out share")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds")
     parser.add_argument("--timing-runs", type=int, default=5, help="fits timed for the fit time")
+    parser.add_argument(
+        "--label", help="model name for the table, e.g. embedded (default: the model ids)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
 
@@ -62,13 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     print("command: python benchmarks/cost_model_accuracy.py " + " ".join(sys.argv[1:]))
     print()
     print(
-        "| device | backend | models | held out | within 5% | within 10% | MAPE % | Spearman "
+        "| model | device | backend | held out | within 5% | within 10% | MAPE % | Spearman "
         "| CV maps | CV within 5% | CV within 10% | CV MAPE % | CV Spearman | fit ms (CPU ms) |"
     )
     print("| --- " * 14 + "|")
-    models = ", ".join(name[:16] for name in model.models())
+    label = args.label or ", ".join(name[:16] for name in model.models())
     print(
-        f"| {model.device} | {model.backend} | {models} | {report['count']} "
+        f"| {label} | {model.device} | {model.backend} | {report['count']} "
         f"| {_share(report['within_5pct'])} | {_share(report['within_10pct'])} "
         f"| {_number(report['mape'])} | {_number(report['spearman'], 3)} "
         f"| {folds['count']} | {_share(folds['within_5pct'])} | {_share(folds['within_10pct'])} "
