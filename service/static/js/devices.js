@@ -93,7 +93,7 @@ async function showDevice(device) {
   }
   clear(box);
   const layout = basePlotLayout({
-    xaxis: { title: { text: "level (n zeros / 4-n kept)" }, tickvals: [0, 1, 2, 3], ticktext: [0, 1, 2, 3].map(describeLevel) },
+    xaxis: { title: { text: "level (n zeros / 4-n kept)" }, zeroline: false, tickvals: [0, 1, 2, 3], ticktext: [0, 1, 2, 3].map(describeLevel) },
     yaxis: { title: { text: "median latency (ms per call)" }, rangemode: "tozero" },
   });
   Plotly.react("measurements", traces, layout, PLOT_CONFIG);

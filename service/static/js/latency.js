@@ -60,7 +60,7 @@ function showFigures(model) {
     figure("Largest absolute error", fit.max_ape == null ? "–" : `${fit.max_ape.toFixed(2)}%`, "max_ape"),
     figure("Median signed error", fit.median_error_pct == null ? "–" : `${fit.median_error_pct.toFixed(2)}%`, "median_error_pct"),
     figure("Spearman rank correlation", formatNumber(fit.spearman, 3), "spearman"),
-    figure("Layers, leave-one-out within ±10%", `${formatShare(loo.within_10pct)} of ${loo.count ?? 0}`, "layer_loo"),
+    figure("Layers, leave-one-out within ±10%", loo.count ? `${formatShare(loo.within_10pct)} of ${loo.count}` : "no layer to leave out", "layer_loo"),
     figure("Records: linear / model / remainder", `${records.linear ?? 0} / ${records.model ?? 0} / ${records.remainder ?? 0}`, "records"),
     figure("Held-out share of mixed maps", fit.holdout ?? "–", "holdout"),
   );
