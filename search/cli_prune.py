@@ -1,9 +1,9 @@
 """``cn4 prune``: prune a model uniformly or by a level map, measure it and export it.
 
-The command loads the checkpoint, calibrates on a text, prunes every eligible layer through the
-variant cache (so a second run with the same model, text and method reuses the pruned weights),
-reports held-out perplexity before and after, and saves the pruned checkpoint with its levels and
-masks.
+The command loads the checkpoint, calibrates on a text and prunes every eligible layer through
+the variant cache, so a second run with the same model, text and method reuses the pruned
+weights. It reports held-out perplexity before and after and saves the pruned checkpoint with
+its levels and masks.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default="default",
         help="checkpoint directory, or 'default' for the embedded model (the default)",
     )
+
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument(
         "--level",
@@ -58,6 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "dense"
         ),
     )
+
     parser.add_argument(
         "--method",
         choices=("obs", "wanda", "magnitude"),
@@ -94,6 +96,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_WINDOW,
         help=f"tokens per window (default {DEFAULT_WINDOW})",
     )
+
     parser.add_argument("--seed", type=int, default=0, help="seed that picks the windows")
     parser.add_argument(
         "--cache-dir",
@@ -226,7 +229,7 @@ def read_level_map(path: Path) -> dict[str, int]:
                 break
     if not isinstance(document, dict) or not document:
         raise PruningError(
-            f"levels file {str(path)!r} holds no level map: give a JSON object such as "
+            f"levels file {str(path)!r} contains no level map: give a JSON object such as "
             '{"backbone.layers.0.mixer.in_proj": 2}'
         )
     level_map: dict[str, int] = {}

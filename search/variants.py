@@ -68,7 +68,7 @@ ProgressCallback = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class VariantRecord:
-    """What is known about one cached variant.
+    """Record of one cached variant: how it was pruned and how close it stays to the dense layer.
 
     ``relative_error`` is ``||W X - W' X|| / ||W X||`` on the calibration inputs (None when the
     variant was pruned without statistics). ``seconds`` is the pruning time; variants of one
@@ -164,7 +164,10 @@ class VariantCache:
         return [(name, n) for name in names for n in levels if not self.has(name, n)]
 
     def load(self, layer: str, level: int) -> torch.Tensor:
-        """Return the pruned weight of (``layer``, ``level``); level 0 has no stored variant."""
+        """Return the pruned weight of (``layer``, ``level``); level 0 has no stored variant.
+
+        The tensor is shared with the in-memory cache, so copy it before changing it.
+        """
         if check_level(level) == 0:
             raise PruningError(
                 f"level 0 of layer {layer!r} is the dense weight, which the cache does not "
@@ -218,19 +221,19 @@ class VariantCache:
     ) -> PrepareReport:
         """Prune and store every missing variant of ``layers`` x ``levels`` (level 0 skipped).
 
-        ``layers`` holds module paths or report entries with a ``name``. ``stats`` maps layer
+        ``layers`` contains module paths or report entries with a ``name``. ``stats`` maps layer
         names to calibration statistics; it may be None when nothing is missing or the method
         is ``magnitude``, so callers can skip the calibration pass for a warm cache.
         ``progress(done, total)`` is called after each layer with counts of variants.
         """
         started = time.perf_counter()
         names = _layer_names(layers)
-        wanted = sorted({check_level(n) for n in levels} - {0})
+        sparse_levels = sorted({check_level(n) for n in levels} - {0})
         todo: dict[str, list[int]] = {}
-        for name, n in self.missing(names, wanted):
+        for name, n in self.missing(names, sparse_levels):
             todo.setdefault(name, []).append(n)
         total = sum(len(v) for v in todo.values())
-        reused = len(names) * len(wanted) - total
+        reused = len(names) * len(sparse_levels) - total
         if total == 0:
             logger.debug("variant cache %s: all %d variants on disk", self.key[:12], reused)
             return PrepareReport(computed=0, reused=reused, seconds=time.perf_counter() - started)
