@@ -1,17 +1,18 @@
 """Held-out perplexity of the embedded default model beside unigram and bigram baselines.
 
-Every number here is measured on the same targets: the evaluation text is tokenised with the
-model's tokenizer and cut into non-overlapping windows of ``window`` tokens, and each window
-predicts its tokens 2..window from the tokens before them, so there are ``window - 1`` targets per
-window. The n-gram baselines see the same target tokens, and the bigram's context is the token
-just before each target, which always lies inside the same window.
+Every number here is measured on the same targets. The evaluation text is tokenised with the
+model's tokenizer and cut into non-overlapping windows of ``window`` tokens. Each window predicts
+its tokens 2..window from the tokens before them, so there are ``window - 1`` targets per window.
+The n-gram baselines score the same target tokens, and the bigram's context is the token just
+before each target, which always lies inside the same window.
 
 Baselines, both counted on the training works (joined with the end-of-text token):
 
 - add-k unigram, ``p(w) = (c(w) + k) / (N + k V)``;
-- interpolated Kneser-Ney bigram (Chen and Goodman, 1998, "An Empirical Study of Smoothing
-  Techniques for Language Modeling", one discount ``d``), whose lower order is the continuation
-  unigram ``N1+(., w) / N1+(., .)`` with add-one smoothing so that no token gets probability 0.
+- interpolated Kneser-Ney bigram with one absolute discount ``d``:
+  ``p(w | v) = max(c(v, w) - d, 0) / c(v) + d N1+(v, .) / c(v) * p_cont(w)``, where the lower
+  order ``p_cont`` is the continuation unigram ``N1+(., w) / N1+(., .)`` with add-one smoothing,
+  so no token gets probability 0. A context never seen in training uses ``p_cont`` alone.
 
 ``k`` and ``d`` are tuned on the last 5% of the training stream while counting on the first 95%;
 the final counts then use the whole training stream.
@@ -30,7 +31,7 @@ log = logging.getLogger("build_default_model.baselines")
 
 # Share of the training stream, at its end, used to tune k and d.
 TUNING_SHARE = 0.05
-ADD_K_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+ADD_K_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 DISCOUNT_GRID = tuple(round(0.05 * i, 2) for i in range(2, 20))  # 0.10 .. 0.95
 
 

@@ -18,7 +18,11 @@ def build_record(
     vocab_size: int,
 ) -> dict:
     """Assemble the machine-readable card stored as ``model/cn4_card.json``."""
-    checkpoint_bytes = sum(p.stat().st_size for p in model_out.iterdir() if p.is_file())
+    checkpoint_bytes = sum(
+        path.stat().st_size
+        for path in model_out.iterdir()
+        if path.is_file() and path.name != "cn4_card.json"
+    )
     return {
         "card_version": CARD_VERSION,
         "source": {
@@ -59,6 +63,15 @@ def _split_table(split: dict) -> str:
     for part, works, size in rows:
         lines.append(f"| {part} | {', '.join(works)} | {size:,} |")
     return "\n".join(lines)
+
+
+def _loss_points(curve: list[list[float]], points: int = 6) -> str:
+    """Format about ``points`` evenly spaced (step, loss) pairs of the recorded loss curve."""
+    stride = max(1, len(curve) // (points - 1))
+    chosen = curve[::stride]
+    if chosen[-1] != curve[-1]:
+        chosen.append(curve[-1])
+    return ", ".join(f"step {int(step)}: {loss:.2f}" for step, loss in chosen)
 
 
 def render_markdown(record: dict) -> str:
@@ -123,7 +136,7 @@ layers, expand {model['expand']}, {model['num_heads']} heads of dimension {model
 {model['n_groups']} group, state size {model['state_size']}, chunk size {model['chunk_size']},
 convolution kernel {model['conv_kernel']}, tied input and output embeddings:
 {model['parameters']:,} parameters. Weights are stored as float16
-({model['checkpoint_bytes'] / 1e6:.1f} MB for the whole folder); loaders cast them to float32.
+({model['checkpoint_bytes'] / 1e6:.1f} MB with config and tokenizer); loaders cast them to float32.
 
 ## Training
 
@@ -140,6 +153,7 @@ convolution kernel {model['conv_kernel']}, tied input and output embeddings:
 | machine | {training['machine']}, {training['threads']} torch threads, CPU shared with other jobs |
 | finished | {training['finished_utc']} |
 
+Training loss of single batches along the run: {_loss_points(training['loss_curve'])}.
 Training used the pure-PyTorch Mamba2 path of transformers (no `mamba_ssm` kernels on CPU).
 
 ## Held-out perplexity

