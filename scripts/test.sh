@@ -16,6 +16,12 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
     done
 fi
 
+# Debian's Chromium for the dashboard's browser tests (Playwright drives the system browser;
+# nothing downloads a browser of its own).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
 export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export PYTHONHASHSEED=0
