@@ -194,7 +194,8 @@ class EngineLinear:
 
 
 def _as_array(tensor) -> np.ndarray:
-    return np.ascontiguousarray(tensor.detach().to(dtype=torch.float32).cpu().numpy())
+    """Return a float32 copy of ``tensor``: ``Tensor.numpy`` alone would share its memory."""
+    return np.array(tensor.detach().to(dtype=torch.float32).cpu().numpy(), order="C", copy=True)
 
 
 def zero_smallest_per_group(weight: np.ndarray, n: int) -> np.ndarray:
@@ -231,7 +232,11 @@ class DecodeEngine:
     smallest |w| of each group zeroed, which is meant for timing runs. Linears left out of the
     map, and those at level 0, run dense, as does an ``lm_head`` tied to the embedding.
 
-    The engine copies the weights, so later changes to ``model`` do not reach it.
+    ``packed_cache``, a dict shared between engines of one model, reuses packed layers by
+    ``(name, level)``: the probe builds many engines of the same weights at different maps.
+
+    The engine copies the weights, so later changes to ``model`` do not reach it (nor reach the
+    layers in ``packed_cache``).
     """
 
     def __init__(
@@ -240,6 +245,7 @@ class DecodeEngine:
         level_map: Mapping[str, int] | None = None,
         *,
         prune_to_levels: bool = False,
+        packed_cache: dict[tuple[str, int], kernels.PackedCn4] | None = None,
     ) -> None:
         config = model.config
         model_type = getattr(config, "model_type", None)
@@ -257,6 +263,7 @@ class DecodeEngine:
         self.arch = model_type
         self.level_map = check_level_map(model, dict(level_map or {}))
         self._prune_to_levels = prune_to_levels
+        self._packed_cache = packed_cache
 
         backbone = model.backbone
         self.embedding = _as_array(backbone.embeddings.weight)
@@ -299,6 +306,10 @@ class DecodeEngine:
         out_features, in_features = weight.shape
         if level == 0:
             return EngineLinear(name, out_features, in_features, 0, weight, None, bias)
+        cache = self._packed_cache
+        if cache is not None and (name, level) in cache:
+            packed = cache[name, level]
+            return EngineLinear(name, out_features, in_features, level, None, packed, bias)
         if self._prune_to_levels:
             weight = zero_smallest_per_group(weight, level)
         try:
@@ -308,6 +319,8 @@ class DecodeEngine:
                 f"layer {name} does not meet level {level}: {exc}. Prune it first, or pass "
                 "prune_to_levels=True for a timing run"
             ) from exc
+        if cache is not None:
+            cache[name, level] = packed
         return EngineLinear(name, out_features, in_features, level, None, packed, bias)
 
     def _build_block(self, index: int, layer) -> dict:

@@ -437,9 +437,12 @@ def probe_model(
                         layer_ms[(out_features, in_features, level)] = timing.median_ms
                     bar.update(1)
 
+        packed_cache: dict = {}
         for role, level_map in maps:
             bar.set_description(f"model {role} {len(result.calibration) + len(result.validation) + 1}/{len(maps)}")
-            engine = DecodeEngine(model, level_map, prune_to_levels=True)
+            engine = DecodeEngine(
+                model, level_map, prune_to_levels=True, packed_cache=packed_cache
+            )
             timing = measure_engine(engine, repeats=repeats, warmup=warmup, seed=seed)
             del engine
             levels_field = {
@@ -453,6 +456,7 @@ def probe_model(
             bar.update(1)
     finally:
         bar.close()
+        packed_cache = None
 
     result.remainder.append(_remainder_record(result.calibration, layer_ms, identity, common))
     result.seconds = time.perf_counter() - started

@@ -122,3 +122,13 @@ def test_zero_smallest_per_group_counts():
             largest_dropped = np.where(kept_groups, -np.inf, groups).max(axis=-1)
             smallest_kept = np.where(kept_groups, groups, np.inf).min(axis=-1)
             assert (largest_dropped <= smallest_kept).all()
+
+
+def test_engine_copies_weights(tiny_mamba2_dir):
+    model = _load(tiny_mamba2_dir)
+    engine = DecodeEngine(model, {})
+    before = engine.generate_greedy(PROMPT, 4)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+    assert engine.generate_greedy(PROMPT, 4) == before
