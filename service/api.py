@@ -75,7 +75,7 @@ WriteAccess = Depends(require_token)
 
 
 class BodyLimitMiddleware:
-    """Answer 413 when a request body exceeds the limit of its route, counting streamed bytes."""
+    """Reject with 413 a request body over the limit of its route, counting streamed bytes."""
 
     def __init__(self, app, settings: ServiceSettings) -> None:
         self.app = app

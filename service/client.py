@@ -52,7 +52,7 @@ def read_batch_file(path: str | Path) -> list[BatchEntry]:
     else:
         raw = _yaml_items(path, text)
     if not raw:
-        raise SubmitError(f"{path}: the file holds no jobs: write one job spec per line (JSON Lines) or a YAML list")
+        raise SubmitError(f"{path}: the file contains no jobs: write one job spec per line (JSON Lines) or a YAML list")
     return [_entry(path, line, item) for line, item in raw]
 
 

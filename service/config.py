@@ -11,11 +11,11 @@ import ipaddress
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from search.errors import Cn4Error
 from search.paths import cn4_home
@@ -54,7 +54,7 @@ class _ConfigFileSource(PydanticBaseSettingsSource):
             return {}
         if not isinstance(data, dict):
             raise ServiceConfigError(
-                f"config file {path} holds a {type(data).__name__}: write a mapping of settings"
+                f"config file {path} contains a {type(data).__name__}: write a mapping of settings"
             )
         return data
 
@@ -75,7 +75,8 @@ class ServiceSettings(BaseSettings):
     # Root of uploaded models, job outputs and device files; empty means CN4_HOME/service.
     data_dir: Path | None = None
     # Directories whose checkpoints may be registered by path; uploads land in data_dir/models.
-    model_roots: list[Path] = Field(default_factory=list)
+    # In the environment: directories separated by os.pathsep (":" on POSIX), or a JSON list.
+    model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = 8000
     # Bearer token for write requests; required when ``host`` is not a loopback address.
@@ -107,8 +108,9 @@ class ServiceSettings(BaseSettings):
     @field_validator("model_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: Any) -> Any:
-        # The environment gives one string; accept os.pathsep-separated directories as well as JSON.
         if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
             return [part for part in value.split(os.pathsep) if part]
         return value
 

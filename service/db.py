@@ -1,8 +1,8 @@
 """Database engines, sessions and schema migrations of the service.
 
-SQLite is the single-machine default: every connection turns on WAL, a busy timeout and foreign
-keys, and every transaction starts with ``BEGIN IMMEDIATE``, so a transaction that reads before
-it writes cannot fail on a stale snapshot when another writer commits in between. PostgreSQL
+SQLite is the single-machine default. Every connection turns on WAL, a busy timeout and foreign
+keys. Every transaction starts with ``BEGIN IMMEDIATE``, so a transaction that reads before it
+writes cannot fail on a stale snapshot when another writer commits in between. PostgreSQL
 (psycopg 3) serves several workers on several machines.
 """
 

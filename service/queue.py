@@ -6,7 +6,7 @@ and another worker claimed the job) therefore cannot overwrite the new owner's s
 writes match no row and the functions here return ``False``.
 
 Claims are race-free on both backends. On SQLite one conditional ``UPDATE`` picks and claims the
-oldest queued job, and its row count says whether this worker won. On PostgreSQL the candidate
+oldest queued job, and its row count shows whether this worker won. On PostgreSQL the candidate
 is selected with ``FOR UPDATE SKIP LOCKED``, so concurrent workers skip each other's rows instead
 of waiting on them.
 """
@@ -380,7 +380,7 @@ def finish_job(
         )
     if outcome.rowcount != 1:
         logger.warning(
-            "result of job %d refused: the lease was lost before it arrived (expired or taken "
+            "result of job %d rejected: the lease was lost before it arrived (expired or taken "
             "over by another worker)", job_id,
         )
         return False

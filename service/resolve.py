@@ -81,8 +81,8 @@ def resolve_spec(
 ) -> SearchSpec:
     """Return the SearchSpec a worker runs: names replaced by paths, devices written to files.
 
-    A device with a fitted latency model runs on its newest fit; a device with measurements only
-    gets them written to ``out_dir`` as JSON Lines, which the search fits itself.
+    A device with a fitted latency model runs on its newest fit. For a device with measurements
+    only, they are written to ``out_dir`` as JSON Lines, and the search fits them itself.
     """
     from latency_models.measurements import Measurement as MeasurementRecord
     from latency_models.measurements import write_measurements

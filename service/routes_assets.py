@@ -200,7 +200,7 @@ def list_models(session: SessionDep):
 
 @router.get("/models/{name}", response_model=ModelDetail, tags=["models"])
 def get_model(name: str, session: SessionDep):
-    """A model with its layer eligibility report (every Linear, eligible or not, with reason)."""
+    """Return a model with its layer eligibility report (every Linear, eligible or not, with reason)."""
     if name == "default":
         out = _default_model()
     else:

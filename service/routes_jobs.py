@@ -72,8 +72,8 @@ def _get_job(session, job_id: int) -> Job:
 
 @router.post("", status_code=201, response_model=JobOut, dependencies=[WriteAccess])
 def create_job(body: JobCreate, session: SessionDep, engine: EngineDep, settings: SettingsDep):
-    """Queue one search job. A known idempotency key returns the existing job (200 in spirit,
-    201 always, so clients need one code path)."""
+    """Queue one search job. A known idempotency key returns the existing job, also with 201,
+    so clients need one code path."""
     new_job = _validated(session, body, settings)
     # End the read transaction first: on SQLite it holds the write lock that submit_jobs needs.
     session.rollback()
@@ -139,7 +139,7 @@ def get_job(job_id: int, session: SessionDep):
 
 @router.get("/{job_id}/trials", response_model=list[TrialOut])
 def list_trials(job_id: int, session: SessionDep):
-    """Every trial reported so far, by number, with levels, quality, latency and feasibility."""
+    """List every trial reported so far, by number, with levels, quality, latency and feasibility."""
     _get_job(session, job_id)
     trials = session.execute(
         select(Trial).where(Trial.job_id == job_id).order_by(Trial.number)
@@ -182,7 +182,7 @@ def _files(directory: Path) -> list[str]:
 
 @router.get("/{job_id}/result", response_model=JobResultOut)
 def get_result(job_id: int, session: SessionDep):
-    """The search report of a finished job and the files it wrote."""
+    """Return the search report of a finished job and the files it wrote."""
     job = _get_job(session, job_id)
     directory = _output_dir(job)
     return {"id": job.id, "state": job.state, "result": job.result, "files": _files(directory)}
@@ -190,7 +190,7 @@ def get_result(job_id: int, session: SessionDep):
 
 @router.get("/{job_id}/download")
 def download_zip(job_id: int, session: SessionDep):
-    """Everything the job wrote (report and exported model) as one zip file."""
+    """Download everything the job wrote (report and exported model) as one zip file."""
     job = _get_job(session, job_id)
     directory = _output_dir(job)
     files = _files(directory)
@@ -210,7 +210,7 @@ def download_zip(job_id: int, session: SessionDep):
 
 @router.get("/{job_id}/files/{name:path}")
 def download_file(job_id: int, name: str, session: SessionDep):
-    """One file the job wrote; ``name`` as listed by GET /v1/jobs/{id}/result."""
+    """Download one file the job wrote, ``name`` as listed by GET /v1/jobs/{id}/result."""
     job = _get_job(session, job_id)
     directory = _output_dir(job).resolve()
     path = (directory / name).resolve()

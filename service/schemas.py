@@ -102,7 +102,7 @@ class PredictRequest(Strict):
     """A level map to predict, with layer shapes from ``checkpoint`` or given in ``layers``.
 
     ``model`` is the model key of the cost model's measurements; it may be left unset when the
-    cost model knows one model only. With ``checkpoint`` (a registered model name or
+    cost model covers one model only. With ``checkpoint`` (a registered model name or
     ``default``), eligible layers missing from ``levels`` count as dense (level 0).
     """
 

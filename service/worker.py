@@ -2,7 +2,7 @@
 
 A worker runs one job at a time. While the job runs, a heartbeat thread renews the lease every
 ``heartbeat_seconds``; when a renewal fails (the lease expired and another worker took the job,
-or the job vanished) the search is told to stop, and whatever the worker reports afterwards is
+or the job vanished) ``should_stop`` returns true, and whatever the worker reports afterwards is
 refused by the conditional writes in :mod:`service.queue`. Between jobs, and before each claim,
 the worker re-queues jobs whose lease expired, so a killed worker's job is picked up again.
 """
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class JobContext:
-    """What a job runner gets: the job, where to write, and the callbacks of the search."""
+    """Input of a job runner: the job, its output directory and the callbacks of the search."""
 
     job_id: int
     attempt: int
@@ -188,8 +188,8 @@ class Worker:
         )
 
     def _optuna_storage(self) -> str | None:
-        # Several workers share one study only through a server database; on SQLite the study
-        # stays in memory, which keeps Optuna's writers off the job database's lock.
+        # Several workers share one study only through a server database. On SQLite the study
+        # stays in memory, so Optuna's writes do not compete for the job database's lock.
         if self.engine.dialect.name == "postgresql":
             return self.engine.url.render_as_string(hide_password=False)
         return None
@@ -246,7 +246,7 @@ class _Lease:
             return True
         if self.lost or self.cancel_requested:
             return True
-        # Read the database at most once per poll interval, however often the search asks.
+        # Read the database at most once per poll interval, however often the search polls.
         if time.monotonic() - self._last_check < min(self.worker.settings.poll_seconds, 1.0):
             return False
         self._last_check = time.monotonic()
@@ -274,7 +274,7 @@ class _Lease:
         if not stored:
             self.lost = True
             logger.warning(
-                "trial %s of job %d refused: worker %s no longer holds the lease",
+                "trial %s of job %d rejected: worker %s no longer holds the lease",
                 record.get("number"), self.claim.job_id, self.worker.worker_id,
             )
 

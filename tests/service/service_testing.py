@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import psycopg
 import pytest
 import uvicorn

@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service import queue
 from service.client import SubmitError, read_batch_file
 from service.worker import Worker
 

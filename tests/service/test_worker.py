@@ -45,6 +45,15 @@ def device_file(settings, tiny_measurement_file) -> Path:
     return target
 
 
+@pytest.fixture(autouse=True)
+def no_pending_jobs(engine):
+    """Cancel jobs left queued or running by an earlier test, so each test's worker takes its own."""
+    with engine.begin() as connection:
+        connection.execute(
+            update(Job).where(Job.state.in_(("queued", "running"))).values(state="cancelled", lease_token=None)
+        )
+
+
 def job(engine, job_id: int):
     with engine.connect() as connection:
         return connection.execute(select(Job).where(Job.id == job_id)).one()

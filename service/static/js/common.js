@@ -150,9 +150,9 @@ function setQueryParameter(name, value) {
 function basePlotLayout(extra) {
   return Object.assign(
     {
-      margin: { l: 70, r: 20, t: 30, b: 60 },
+      margin: { l: 70, r: 20, t: 50, b: 60 },
       hovermode: "closest",
-      legend: { orientation: "h", y: -0.2 },
+      legend: { orientation: "h", x: 0, y: 1.02, yanchor: "bottom" },
       font: { family: "system-ui, sans-serif", size: 12 },
     },
     extra,

@@ -202,24 +202,33 @@ function renderPareto() {
 
   const points = feasible.map((trial) => ({ x: trial.predicted_latency_ms, y: trial.quality }));
   const front = paretoFront(points);
-  const objective = job.spec.objective === "kl" ? "KL divergence to dense (nats/token)" : "perplexity";
+  const objective = job.spec.objective === "kl" ? "KL to dense (nats/token)" : "perplexity";
+  const best = feasible.filter((trial) => trial.number === bestNumber);
+  const others = feasible.filter((trial) => trial.number !== bestNumber);
+  const hover = "%{text}<br>%{x:.4g} ms, quality %{y:.4g}<extra></extra>";
   const traces = [
     {
-      name: `feasible (${feasible.length})`,
+      name: "feasible",
       type: "scatter",
       mode: "markers",
-      x: feasible.map((trial) => trial.predicted_latency_ms),
-      y: feasible.map((trial) => trial.quality),
-      text: feasible.map(trialLabel),
-      hovertemplate: "%{text}<br>%{x:.4g} ms, quality %{y:.4g}<extra></extra>",
-      marker: {
-        color: feasible.map((trial) => (trial.number === bestNumber ? "#d62728" : "#2458a6")),
-        size: feasible.map((trial) => (trial.number === bestNumber ? 14 : 8)),
-        symbol: feasible.map((trial) => (trial.number === bestNumber ? "star" : "circle")),
-      },
+      x: others.map((trial) => trial.predicted_latency_ms),
+      y: others.map((trial) => trial.quality),
+      text: others.map(trialLabel),
+      hovertemplate: hover,
+      marker: { color: "#2458a6", size: 8 },
     },
     {
-      name: `over the budget (${infeasible.length})`,
+      name: "best feasible",
+      type: "scatter",
+      mode: "markers",
+      x: best.map((trial) => trial.predicted_latency_ms),
+      y: best.map((trial) => trial.quality),
+      text: best.map(trialLabel),
+      hovertemplate: hover,
+      marker: { color: "#d62728", size: 15, symbol: "star" },
+    },
+    {
+      name: "over the budget",
       type: "scatter",
       mode: "markers",
       x: infeasible.map((trial) => trial.predicted_latency_ms),
@@ -244,11 +253,13 @@ function renderPareto() {
   const annotations = [];
   if (budget !== null && budget !== undefined) {
     shapes.push({ type: "line", xref: "x", yref: "paper", x0: budget, x1: budget, y0: 0, y1: 1, line: { color: "#d62728", dash: "dash", width: 1.5 } });
-    annotations.push({ xref: "x", yref: "paper", x: budget, y: 1, yanchor: "bottom", text: `budget ${formatNumber(budget)} ms`, showarrow: false, font: { color: "#d62728" } });
+    annotations.push({ xref: "x", yref: "paper", x: budget, y: 1, xanchor: "right", yanchor: "top", text: `budget ${formatNumber(budget)} ms`, showarrow: false, font: { color: "#d62728" } });
   }
   const layout = basePlotLayout({
     xaxis: { title: { text: "predicted latency (ms per token)" }, zeroline: false },
-    yaxis: { title: { text: `${objective}, lower is better` }, type: logAxis ? "log" : "linear" },
+    yaxis: logAxis
+      ? { title: { text: objective }, type: "log", dtick: 1, exponentformat: "power" }
+      : { title: { text: objective } },
     shapes,
     annotations,
   });
@@ -369,14 +380,14 @@ async function renderLayerLatency() {
         type: "bar",
         x: labels,
         y: best,
-        text: names.map((name) => describeLevel(full.levels[name])),
-        hovertemplate: "%{x}<br>%{y:.4g} ms, %{text}<extra></extra>",
+        customdata: names.map((name) => describeLevel(full.levels[name])),
+        hovertemplate: "%{x}<br>%{y:.4g} ms, %{customdata}<extra></extra>",
         marker: { color: names.map((name) => getComputedStyle(document.body).getPropertyValue(`--level-${full.levels[name]}`).trim()), line: { color: "#1d2430", width: 0.5 } },
       },
     ];
     const layout = basePlotLayout({
       barmode: "group",
-      xaxis: { tickangle: -45, automargin: true },
+      xaxis: { tickangle: -30, automargin: true },
       yaxis: { title: { text: "predicted latency (ms per token)" } },
     });
     plot.classList.remove("hidden");
