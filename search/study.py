@@ -1,9 +1,9 @@
 """The latency-budgeted Cn4 level search: an Optuna study driven by ask and tell.
 
 Each eligible Linear is one categorical parameter over the allowed levels. A trial's
-configuration is first predicted by the device's cost model; one over the latency budget (or
-under the sparsity target) is infeasible and told as PRUNED without being measured, because its
-quality cannot make it the answer. A feasible one is assembled from the variant cache and its
+configuration is first predicted by the device's cost model. A configuration over the latency
+budget (or under the sparsity target) is infeasible and is reported to the study as PRUNED
+without being measured, because its quality cannot make it the answer. A feasible one is assembled from the variant cache and its
 quality measured end to end (KL to the dense model on calibration windows, or perplexity), which
 is the value the study minimises. Constraints go through ``trial.set_constraint``, so the TPE
 sampler steers towards feasible configurations (Optuna 5.1: feasible when every value is <= 0).
@@ -56,8 +56,6 @@ FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 COUNTED_STATES = (*FINISHED_STATES, TrialState.RUNNING)
 # TPE's random start-up trials; the enqueued baselines count among them.
 TPE_STARTUP_TRIALS = 10
-# Seed-name prefixes in the order the baselines are enqueued.
-SEED_ORDER = ("uniform", "greedy", "owl")
 
 
 @dataclass
@@ -98,7 +96,7 @@ def run_search(
     predicted latency, sparsity, feasibility, reason and seed name. ``should_stop()`` is polled
     between trials; when it returns true the search ends early and keeps its finished trials.
     ``storage`` is an Optuna RDB URL shared by several workers, each running trials until the
-    study holds ``spec.trials`` of them; without it the study is in memory. With ``out_dir``,
+    study contains ``spec.trials`` of them; without it the study is in memory. With ``out_dir``,
     ``report.json``, ``summary.txt`` and the pruned checkpoint under ``model/`` are written.
 
     Raises BudgetError when the budget is under the lowest predicted latency any allowed
@@ -108,7 +106,7 @@ def run_search(
 
     started = time.perf_counter()
     context = prepare_search(spec, progress=progress)
-    seeds = compute_seeds(context)
+    seeds = compute_seeds(context, progress=progress)
 
     study = create_study(context, storage=storage, study_name=study_name)
     enqueue_seeds(study, seeds)
@@ -164,7 +162,7 @@ def prepare_search(spec: SearchSpec, *, progress: bool = False) -> SearchContext
     evaluation_windows = token_windows(
         tokenizer, evaluation, window=spec.window, count=spec.evaluation_windows, seed=spec.seed
     )
-    cache = prepare_variants(loaded, layers, spec, calibration_windows)
+    cache = prepare_variants(loaded, layers, spec, calibration_windows, progress=progress)
     timings["variants_s"] = time.perf_counter() - started
 
     evaluator = QualityEvaluator(
@@ -189,8 +187,10 @@ def prepare_search(spec: SearchSpec, *, progress: bool = False) -> SearchContext
     )
 
 
-def prepare_variants(loaded: LoadedModel, layers, spec: SearchSpec, windows):
-    """Return a variant cache holding every (layer, allowed level) pruned by ``spec.method``.
+def prepare_variants(
+    loaded: LoadedModel, layers, spec: SearchSpec, windows, *, progress: bool = False
+):
+    """Return a variant cache with every (layer, allowed level) pruned by ``spec.method``.
 
     Calibration statistics are collected only when a variant is missing from the on-disk cache.
     """
@@ -204,10 +204,21 @@ def prepare_variants(loaded: LoadedModel, layers, spec: SearchSpec, windows):
         method=spec.method,
     )
     names = [layer.name for layer in layers]
+    missing = cache.missing(names, spec.levels)
+    if not missing:
+        return cache
     stats = None
-    if cache.missing(names, spec.levels) and spec.method != "magnitude":
+    if spec.method != "magnitude":
         stats = collect_layer_stats(loaded.model, windows, names)
-    cache.prepare(loaded.model, names, spec.levels, stats)
+    bar = _progress_bar(len(missing), 0, enabled=progress, desc="pruning", unit="variant")
+    try:
+        cache.prepare(
+            loaded.model, names, spec.levels, stats,
+            progress=(lambda done, total: bar.update(done - bar.n)) if bar is not None else None,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
     return cache
 
 
@@ -291,13 +302,26 @@ def is_local_device(context: SearchContext) -> bool:
 # Seeds
 
 
-def compute_seeds(context: SearchContext) -> dict[str, dict[str, int]]:
+def compute_seeds(context: SearchContext, *, progress: bool = False) -> dict[str, dict[str, int]]:
     """Return the baseline allocations that fit, by name, in the order they are enqueued."""
     spec, table, budget = context.spec, context.table, context.budget
     started = time.perf_counter()
     seeds = dict(uniform_allocations(table, spec.levels, budget, spec.sparsity_target))
 
-    losses = single_layer_losses(context.layers, spec.levels, context.evaluator.proxy_loss)
+    swaps = len(context.layers) * len([n for n in spec.levels if n > 0])
+    bar = _progress_bar(swaps, 0, enabled=progress, desc="layer losses", unit="swap")
+
+    def measured_loss(level_map: dict[str, int]) -> float:
+        loss = context.evaluator.proxy_loss(level_map)
+        if bar is not None:
+            bar.update(1)
+        return loss
+
+    try:
+        losses = single_layer_losses(context.layers, spec.levels, measured_loss)
+    finally:
+        if bar is not None:
+            bar.close()
     context.losses = losses
     greedy = greedy_allocation(table, spec.levels, losses, budget, spec.sparsity_target)
     if greedy is not None:
@@ -371,7 +395,7 @@ def run_trials(
 ) -> bool:
     """Ask, evaluate and tell trials until the study holds ``spec.trials``; return if stopped."""
     total = context.spec.trials
-    bar = _progress_bar(total, counted_trials(study), enabled=progress)
+    bar = _progress_bar(total, counted_trials(study), enabled=progress, desc="search", unit="trial")
     try:
         while counted_trials(study) < total:
             if should_stop is not None and should_stop():
@@ -593,11 +617,11 @@ def _progress_text(study: optuna.Study, context: SearchContext) -> str:
     return f"best {context.spec.objective} {best['quality']:.4g} at {best['predicted_latency_ms']:.3g} ms"
 
 
-def _progress_bar(total: int, done: int, *, enabled: bool):
+def _progress_bar(total: int, done: int, *, enabled: bool, desc: str, unit: str):
     if not enabled:
         return None
     import sys
 
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=done, desc="search", unit="trial", file=sys.stderr)
+    return tqdm(total=total, initial=done, desc=desc, unit=unit, file=sys.stderr)
