@@ -11,13 +11,22 @@ from pathlib import Path
 
 import httpx
 import pytest
-from dashboard_testing import PageLog, ServerThread, tiny_device_records, write_tiny_checkpoint
+from dashboard_testing import (
+    ACTION_TIMEOUT_MS,
+    PageLog,
+    ServerThread,
+    new_context,
+    tiny_device_records,
+    write_tiny_checkpoint,
+)
+from playwright.sync_api import expect
 
 from service import db
 from service.api import create_app
 from service.config import ServiceSettings
 
 CHROMIUM = Path("/usr/bin/chromium")
+expect.set_options(timeout=ACTION_TIMEOUT_MS)
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -91,15 +100,8 @@ def browser():
 
 @pytest.fixture
 def page(browser, dashboard):
-    context = browser.new_context(
-        base_url=dashboard.url, viewport={"width": 1280, "height": 900}, device_scale_factor=1
-    )
+    context = new_context(browser, dashboard.url)
     page = context.new_page()
-    # Generous: Chromium parses the 4.6 MB Plotly bundle slowly on a busy 2-core machine.
-    page.set_default_timeout(90_000)
-    page.set_default_navigation_timeout(120_000)
     page.log = PageLog(page)
     yield page
     context.close()
-
-

@@ -113,6 +113,21 @@ class ServerThread:
         self.sock.close()
 
 
+# Generous limits: Chromium parses the 4.6 MB Plotly bundle slowly on a busy 2-core machine.
+ACTION_TIMEOUT_MS = 90_000
+NAVIGATION_TIMEOUT_MS = 120_000
+
+
+def new_context(browser, base_url: str):
+    """A browser context on ``base_url`` with a fixed viewport and the limits above."""
+    context = browser.new_context(
+        base_url=base_url, viewport={"width": 1280, "height": 900}, device_scale_factor=1
+    )
+    context.set_default_timeout(ACTION_TIMEOUT_MS)
+    context.set_default_navigation_timeout(NAVIGATION_TIMEOUT_MS)
+    return context
+
+
 class PageLog:
     """Console errors, uncaught exceptions and every URL a page requested."""
 

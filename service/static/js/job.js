@@ -196,8 +196,10 @@ function renderPareto() {
   const lowest = Math.min(...qualities);
   const highest = Math.max(...qualities);
   const logAxis = qualities.length > 1 && lowest > 0 && highest / lowest > LOG_AXIS_RATIO;
-  // Trials told as over the budget have no quality: draw them on the top edge.
-  const topEdge = qualities.length ? (logAxis ? highest * 1.5 : highest + 0.1 * (highest - lowest || Math.abs(highest) || 1)) : 1;
+  // Trials over the budget were never measured, so they have no quality: draw them on the top edge.
+  let topEdge = 1;
+  if (qualities.length && logAxis) topEdge = highest * 1.5;
+  else if (qualities.length) topEdge = highest + 0.1 * (highest - lowest || Math.abs(highest) || 1);
   const bestNumber = job.best ? job.best.number : null;
 
   const points = feasible.map((trial) => ({ x: trial.predicted_latency_ms, y: trial.quality }));
@@ -307,7 +309,9 @@ function renderLevels() {
   const header = el("tr", {}, el("th", {}, "block"), ...columns.map((kind) => el("th", {}, kind === null ? "layer" : kind)));
   const body = [...rows.values()].map((row) => {
     const cells = columns.map((kind, index) => {
-      const name = row.outside ? (index === 0 ? row.cells.get(null) : undefined) : row.cells.get(kind);
+      // A layer outside the blocks fills the first column of its own row.
+      let name = row.cells.get(kind);
+      if (row.outside) name = index === 0 ? row.cells.get(null) : undefined;
       if (name === undefined) return el("td", { class: "empty" });
       const level = levels[name];
       const shape = layerShapes && layerShapes.get(name);
@@ -406,6 +410,11 @@ async function renderLayerLatency() {
 
 // --- baselines --------------------------------------------------------------------------------
 
+function withinBudget(latency, budget) {
+  if (budget === null || latency === null) return "–";
+  return latency <= budget ? "within" : "over";
+}
+
 function renderBaselines() {
   const box = document.getElementById("baseline-messages");
   const table = document.getElementById("baselines");
@@ -444,7 +453,7 @@ function renderBaselines() {
       { "data-configuration": row.name, style: row.best ? "font-weight: 600" : null },
       el("td", {}, row.name, row.uniformBest ? " (best uniform)" : null),
       el("td", { class: "number" }, formatMs(row.latency)),
-      el("td", {}, budget === null || row.latency === null ? "–" : row.latency <= budget ? "within" : "over"),
+      el("td", {}, withinBudget(row.latency, budget)),
       el("td", { class: "number" }, formatShare(row.sparsity)),
       el("td", { class: "number" }, formatNumber(row.heldOut)),
       el("td", { class: "number" }, formatNumber(row.objective)),
