@@ -229,7 +229,9 @@ def create_app(
         }
 
     from service import routes_assets, routes_jobs
+    from service.dashboard import mount_dashboard
 
     app.include_router(routes_jobs.router)
     app.include_router(routes_assets.router)
+    mount_dashboard(app)
     return app
