@@ -92,6 +92,9 @@ def run_serve(args: argparse.Namespace) -> int:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((settings.host, settings.port))
+    # Listen before printing the address, so clients that connect at once wait in the backlog
+    # instead of being refused while uvicorn starts.
+    sock.listen(2048)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     print(f"cn4 serve: listening on http://{shown}:{port} (API docs at /docs)", flush=True)

@@ -212,3 +212,27 @@ def test_late_result_from_worker_refused(settings, engine):
     assert row.trials_done == 0
     assert queue.finish_job(engine, job_id, fresh.token, state="succeeded", result={"from": "fresh"})
     assert job(engine, job_id).result == {"from": "fresh"}
+
+
+def test_stale_optuna_trials_failed(database_url):
+    """A re-claimed job's study: the running trials of the dead worker become failed."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from service.db import normalise_url
+    from service.runner import fail_stale_trials
+
+    storage_url = normalise_url(database_url)
+    storage = optuna.storages.RDBStorage(storage_url)
+    study = optuna.create_study(storage=storage, study_name="cn4-job-stale")
+    study.tell(study.ask(), 1.0)
+    study.ask()
+    study.ask()
+    try:
+        assert fail_stale_trials(storage_url, "cn4-job-stale") == 2
+        states = [trial.state for trial in optuna.load_study(study_name="cn4-job-stale", storage=storage).trials]
+        assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
+        assert fail_stale_trials(storage_url, "cn4-job-stale") == 0
+        assert fail_stale_trials(storage_url, "cn4-job-never-created") == 0
+    finally:
+        storage.engine.dispose()
