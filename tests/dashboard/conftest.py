@@ -66,10 +66,6 @@ def dashboard(tmp_path_factory) -> Iterator[Dashboard]:
         embedded_worker=True,
     )
     app = create_app(settings)
-    if not any(getattr(route, "path", None) == "/" for route in app.routes):
-        from service.dashboard import mount_dashboard
-
-        mount_dashboard(app)
     with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=120) as http:
         registered = http.post("/v1/models", json={"name": "tiny", "path": str(model_dir)})
         assert registered.status_code == 201, registered.text
