@@ -98,6 +98,7 @@ def run_serve(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     print(f"cn4 serve: listening on http://{shown}:{port} (API docs at /docs)", flush=True)
+    print(f"cn4 serve: dashboard at http://{shown}:{port}/", flush=True)
     logger.info("serving on %s:%d, token required for writes: %s", host, port, settings.token_required)
     config = uvicorn.Config(app, log_config=None, access_log=False)
     uvicorn.Server(config).run(sockets=[sock])
