@@ -42,6 +42,9 @@ LEVELS = (0, 1, 2, 3)
 # No nnan/ninf flags, so NaN and infinity in inputs propagate as in a plain product.
 SUM_FASTMATH = {"reassoc", "contract"}
 
+# Output rows per step of the decode kernels: the rows share each load of x.
+ROW_BLOCK = 4
+
 # Tokens per tile in the prefill kernels: 32 float32 accumulators are two AVX-512 registers.
 TOKEN_TILE = 32
 
@@ -185,13 +188,13 @@ def _fill_x_by_position(x, x_by_position):
 
 
 @intrinsic
-def _bit_is_set(typingctx, byte, bit):
-    """Test ``byte & bit != 0`` in 8-bit arithmetic.
+def _bit_is_set(typingctx, byte, bits):
+    """Test ``byte & bits != 0`` in 8-bit arithmetic.
 
     numba widens uint8 operands of ``&`` to int64, and the vectorised loop then tests the codes
     in 64-bit lanes, 8 per register, which made the Cn4 GEMVs about 1.5x slower here.
     """
-    if byte != types.uint8 or not isinstance(bit, types.Integer):
+    if byte != types.uint8 or not isinstance(bits, types.Integer):
         return None
 
     def codegen(context, builder, signature, args):
@@ -200,125 +203,241 @@ def _bit_is_set(typingctx, byte, bit):
         masked = builder.and_(value, flag)
         return builder.icmp_unsigned("!=", masked, ir.Constant(ir.IntType(8), 0))
 
-    return types.boolean(byte, bit), codegen
+    return types.boolean(byte, bits), codegen
+
+
+@intrinsic
+def _bits_are_set(typingctx, byte, bits):
+    """Test ``byte & bits == bits`` in 8-bit arithmetic, like :func:`_bit_is_set`."""
+    if byte != types.uint8 or not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value, flag = args
+        flag = context.cast(builder, flag, signature.args[1], types.uint8)
+        return builder.icmp_unsigned("==", builder.and_(value, flag), flag)
+
+    return types.boolean(byte, bits), codegen
+
+
+@intrinsic
+def _select(typingctx, condition, if_true, if_false):
+    """Return ``if_true`` when ``condition`` else ``if_false``, as one LLVM select.
+
+    A Python conditional expression becomes branches, which LLVM turns into a select of
+    addresses and then a gather of ``x``. Both operands here are values already loaded, so the
+    vectorised loop blends registers instead.
+    """
+    if condition != types.boolean or if_true != if_false:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.select(*args)
+
+    return if_true(condition, if_true, if_false), codegen
+
+
+# Per group, each kept value multiplies the x entry at its position, picked from the four
+# candidates a0..a3 = x[4g..4g+3] by the keep mask. Kept positions take the values in order,
+# which limits where each value can sit: at n = 1, value j is at position j or j+1.
 
 
 @numba.njit(inline="always")
-def _group_dot_n1(values, codes, r, g, a0, a1, a2, a3):
-    mask = codes[r, g]
-    v0 = values[r, 3 * g]
-    v1 = values[r, 3 * g + 1]
-    v2 = values[r, 3 * g + 2]
-    zero = np.float32(0.0)
-    kept0 = _bit_is_set(mask, 1)
-    kept1 = _bit_is_set(mask, 2)
-    kept2 = _bit_is_set(mask, 4)
-    kept3 = _bit_is_set(mask, 8)
-    # Kept positions take v0, v1, v2 in order, so position 1 is v1 when position 0 is kept and
-    # v0 otherwise, and position 2 is v1 when position 3 is kept and v2 otherwise.
-    w0 = v0 if kept0 else zero
-    at1 = v1 if kept0 else v0
-    w1 = at1 if kept1 else zero
-    at2 = v1 if kept3 else v2
-    w2 = at2 if kept2 else zero
-    w3 = v2 if kept3 else zero
-    return w0 * a0 + w1 * a1 + w2 * a2 + w3 * a3
+def _group_dot_n1(values, codes, g, a0, a1, a2, a3):
+    mask = codes[g]
+    first = _select(_bit_is_set(mask, 1), a0, a1)
+    second = _select(_bits_are_set(mask, 3), a1, a2)
+    third = _select(_bit_is_set(mask, 8), a3, a2)
+    return values[3 * g] * first + values[3 * g + 1] * second + values[3 * g + 2] * third
 
 
 @numba.njit(inline="always")
-def _group_dot_n2(values, codes, r, g, a0, a1, a2, a3):
-    mask = codes[r, g]
-    v0 = values[r, 2 * g]
-    v1 = values[r, 2 * g + 1]
-    zero = np.float32(0.0)
-    kept0 = _bit_is_set(mask, 1)
-    kept1 = _bit_is_set(mask, 2)
-    kept2 = _bit_is_set(mask, 4)
-    kept3 = _bit_is_set(mask, 8)
-    # Of the two kept positions the lower takes v0, so position 1 is v1 when position 0 is kept
-    # and position 2 is v0 when position 3 is kept.
-    w0 = v0 if kept0 else zero
-    at1 = v1 if kept0 else v0
-    w1 = at1 if kept1 else zero
-    at2 = v0 if kept3 else v1
-    w2 = at2 if kept2 else zero
-    w3 = v1 if kept3 else zero
-    return w0 * a0 + w1 * a1 + w2 * a2 + w3 * a3
+def _group_dot_n2(values, codes, g, a0, a1, a2, a3):
+    mask = codes[g]
+    # The lower kept position is 0, 1 or 2, the higher one 1, 2 or 3.
+    first = _select(_bit_is_set(mask, 1), a0, _select(_bit_is_set(mask, 2), a1, a2))
+    second = _select(_bit_is_set(mask, 8), a3, _select(_bit_is_set(mask, 4), a2, a1))
+    return values[2 * g] * first + values[2 * g + 1] * second
 
 
 @numba.njit(inline="always")
-def _group_dot_n3(values, codes, r, g, a0, a1, a2, a3):
-    mask = codes[r, g]
-    v = values[r, g]
-    zero = np.float32(0.0)
-    w0 = v if _bit_is_set(mask, 1) else zero
-    w1 = v if _bit_is_set(mask, 2) else zero
-    w2 = v if _bit_is_set(mask, 4) else zero
-    w3 = v if _bit_is_set(mask, 8) else zero
-    return w0 * a0 + w1 * a1 + w2 * a2 + w3 * a3
+def _group_dot_n3(values, codes, g, a0, a1, a2, a3):
+    mask = codes[g]
+    low = _select(_bit_is_set(mask, 1), a0, a1)
+    high = _select(_bit_is_set(mask, 4), a2, a3)
+    return values[g] * _select(_bit_is_set(mask, 3), low, high)
+
+
+@numba.njit(inline="always")
+def _store_rows(y, bias, first_row, acc0, acc1, acc2, acc3):
+    if bias.shape[0]:
+        acc0 += bias[first_row]
+        acc1 += bias[first_row + 1]
+        acc2 += bias[first_row + 2]
+        acc3 += bias[first_row + 3]
+    y[first_row] = acc0
+    y[first_row + 1] = acc1
+    y[first_row + 2] = acc2
+    y[first_row + 3] = acc3
 
 
 @numba.njit(_DECODE_SIGNATURE, parallel=True, fastmath=SUM_FASTMATH, cache=True)
 def matvec_n1(values, codes, x, x_by_position, bias, y):
     """Cn4 GEMV at level 1 (3 kept of 4): ``y = W x + bias``."""
     _fill_x_by_position(x, x_by_position)
-    groups = codes.shape[1]
+    rows = values.shape[0]
+    groups = x_by_position.shape[1]
     x0 = x_by_position[0]
     x1 = x_by_position[1]
     x2 = x_by_position[2]
     x3 = x_by_position[3]
-    has_bias = bias.shape[0] != 0
-    for r in numba.prange(values.shape[0]):
-        acc = np.float32(0.0)
-        for g in range(groups):
-            acc += _group_dot_n1(values, codes, r, g, x0[g], x1[g], x2[g], x3[g])
-        y[r] = acc + bias[r] if has_bias else acc
+    for block in numba.prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        first_row = block * ROW_BLOCK
+        if first_row + ROW_BLOCK <= rows:
+            values0 = values[first_row]
+            values1 = values[first_row + 1]
+            values2 = values[first_row + 2]
+            values3 = values[first_row + 3]
+            codes0 = codes[first_row]
+            codes1 = codes[first_row + 1]
+            codes2 = codes[first_row + 2]
+            codes3 = codes[first_row + 3]
+            acc0 = np.float32(0.0)
+            acc1 = np.float32(0.0)
+            acc2 = np.float32(0.0)
+            acc3 = np.float32(0.0)
+            for g in range(groups):
+                a0 = x0[g]
+                a1 = x1[g]
+                a2 = x2[g]
+                a3 = x3[g]
+                acc0 += _group_dot_n1(values0, codes0, g, a0, a1, a2, a3)
+                acc1 += _group_dot_n1(values1, codes1, g, a0, a1, a2, a3)
+                acc2 += _group_dot_n1(values2, codes2, g, a0, a1, a2, a3)
+                acc3 += _group_dot_n1(values3, codes3, g, a0, a1, a2, a3)
+            _store_rows(y, bias, first_row, acc0, acc1, acc2, acc3)
+        else:
+            for r in range(first_row, rows):
+                acc = np.float32(0.0)
+                for g in range(groups):
+                    acc += _group_dot_n1(values[r], codes[r], g, x0[g], x1[g], x2[g], x3[g])
+                y[r] = acc + bias[r] if bias.shape[0] else acc
 
 
 @numba.njit(_DECODE_SIGNATURE, parallel=True, fastmath=SUM_FASTMATH, cache=True)
 def matvec_n2(values, codes, x, x_by_position, bias, y):
     """Cn4 GEMV at level 2 (2 kept of 4): ``y = W x + bias``."""
     _fill_x_by_position(x, x_by_position)
-    groups = codes.shape[1]
+    rows = values.shape[0]
+    groups = x_by_position.shape[1]
     x0 = x_by_position[0]
     x1 = x_by_position[1]
     x2 = x_by_position[2]
     x3 = x_by_position[3]
-    has_bias = bias.shape[0] != 0
-    for r in numba.prange(values.shape[0]):
-        acc = np.float32(0.0)
-        for g in range(groups):
-            acc += _group_dot_n2(values, codes, r, g, x0[g], x1[g], x2[g], x3[g])
-        y[r] = acc + bias[r] if has_bias else acc
+    for block in numba.prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        first_row = block * ROW_BLOCK
+        if first_row + ROW_BLOCK <= rows:
+            values0 = values[first_row]
+            values1 = values[first_row + 1]
+            values2 = values[first_row + 2]
+            values3 = values[first_row + 3]
+            codes0 = codes[first_row]
+            codes1 = codes[first_row + 1]
+            codes2 = codes[first_row + 2]
+            codes3 = codes[first_row + 3]
+            acc0 = np.float32(0.0)
+            acc1 = np.float32(0.0)
+            acc2 = np.float32(0.0)
+            acc3 = np.float32(0.0)
+            for g in range(groups):
+                a0 = x0[g]
+                a1 = x1[g]
+                a2 = x2[g]
+                a3 = x3[g]
+                acc0 += _group_dot_n2(values0, codes0, g, a0, a1, a2, a3)
+                acc1 += _group_dot_n2(values1, codes1, g, a0, a1, a2, a3)
+                acc2 += _group_dot_n2(values2, codes2, g, a0, a1, a2, a3)
+                acc3 += _group_dot_n2(values3, codes3, g, a0, a1, a2, a3)
+            _store_rows(y, bias, first_row, acc0, acc1, acc2, acc3)
+        else:
+            for r in range(first_row, rows):
+                acc = np.float32(0.0)
+                for g in range(groups):
+                    acc += _group_dot_n2(values[r], codes[r], g, x0[g], x1[g], x2[g], x3[g])
+                y[r] = acc + bias[r] if bias.shape[0] else acc
 
 
 @numba.njit(_DECODE_SIGNATURE, parallel=True, fastmath=SUM_FASTMATH, cache=True)
 def matvec_n3(values, codes, x, x_by_position, bias, y):
     """Cn4 GEMV at level 3 (1 kept of 4): ``y = W x + bias``."""
     _fill_x_by_position(x, x_by_position)
-    groups = codes.shape[1]
+    rows = values.shape[0]
+    groups = x_by_position.shape[1]
     x0 = x_by_position[0]
     x1 = x_by_position[1]
     x2 = x_by_position[2]
     x3 = x_by_position[3]
-    has_bias = bias.shape[0] != 0
-    for r in numba.prange(values.shape[0]):
-        acc = np.float32(0.0)
-        for g in range(groups):
-            acc += _group_dot_n3(values, codes, r, g, x0[g], x1[g], x2[g], x3[g])
-        y[r] = acc + bias[r] if has_bias else acc
+    for block in numba.prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        first_row = block * ROW_BLOCK
+        if first_row + ROW_BLOCK <= rows:
+            values0 = values[first_row]
+            values1 = values[first_row + 1]
+            values2 = values[first_row + 2]
+            values3 = values[first_row + 3]
+            codes0 = codes[first_row]
+            codes1 = codes[first_row + 1]
+            codes2 = codes[first_row + 2]
+            codes3 = codes[first_row + 3]
+            acc0 = np.float32(0.0)
+            acc1 = np.float32(0.0)
+            acc2 = np.float32(0.0)
+            acc3 = np.float32(0.0)
+            for g in range(groups):
+                a0 = x0[g]
+                a1 = x1[g]
+                a2 = x2[g]
+                a3 = x3[g]
+                acc0 += _group_dot_n3(values0, codes0, g, a0, a1, a2, a3)
+                acc1 += _group_dot_n3(values1, codes1, g, a0, a1, a2, a3)
+                acc2 += _group_dot_n3(values2, codes2, g, a0, a1, a2, a3)
+                acc3 += _group_dot_n3(values3, codes3, g, a0, a1, a2, a3)
+            _store_rows(y, bias, first_row, acc0, acc1, acc2, acc3)
+        else:
+            for r in range(first_row, rows):
+                acc = np.float32(0.0)
+                for g in range(groups):
+                    acc += _group_dot_n3(values[r], codes[r], g, x0[g], x1[g], x2[g], x3[g])
+                y[r] = acc + bias[r] if bias.shape[0] else acc
 
 
 @numba.njit(_DECODE_SIGNATURE, parallel=True, fastmath=SUM_FASTMATH, cache=True)
 def matvec_dense(values, codes, x, x_by_position, bias, y):
-    """Dense GEMV ``y = W x + bias`` with the Cn4 kernels' signature; ignores codes and scratch."""
-    columns = values.shape[1]
-    has_bias = bias.shape[0] != 0
-    for r in numba.prange(values.shape[0]):
-        acc = np.float32(0.0)
-        for i in range(columns):
-            acc += values[r, i] * x[i]
-        y[r] = acc + bias[r] if has_bias else acc
+    """Dense GEMV ``y = W x + bias`` with the Cn4 kernels' row blocks; ignores codes and scratch."""
+    rows, columns = values.shape
+    for block in numba.prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        first_row = block * ROW_BLOCK
+        if first_row + ROW_BLOCK <= rows:
+            values0 = values[first_row]
+            values1 = values[first_row + 1]
+            values2 = values[first_row + 2]
+            values3 = values[first_row + 3]
+            acc0 = np.float32(0.0)
+            acc1 = np.float32(0.0)
+            acc2 = np.float32(0.0)
+            acc3 = np.float32(0.0)
+            for i in range(columns):
+                a = x[i]
+                acc0 += values0[i] * a
+                acc1 += values1[i] * a
+                acc2 += values2[i] * a
+                acc3 += values3[i] * a
+            _store_rows(y, bias, first_row, acc0, acc1, acc2, acc3)
+        else:
+            for r in range(first_row, rows):
+                acc = np.float32(0.0)
+                for i in range(columns):
+                    acc += values[r, i] * x[i]
+                y[r] = acc + bias[r] if bias.shape[0] else acc
 
 
 # Decode kernel by level; level 0 is the dense kernel.
