@@ -10,7 +10,7 @@ trial is at least as good as each of them on the search objective.
   level is measured: KL to the dense model on a few calibration windows with only that layer
   pruned (a single-layer swap), so it needs ``len(layers) x len(levels)`` short evaluations.
   Summing single-layer losses ignores interactions between layers, which is why it is a
-  baseline and a seed, never the answer.
+  baseline and a seed, never the reported result.
 - **OWL-style**: Outlier Weighed Layerwise sparsity (Yin et al., ICML 2024) gives layers with
   fewer activation outliers more sparsity. A layer's outlier ratio is the share of its Wanda
   scores ``|W_ij| * ||X_j||_2`` above ``OWL_OUTLIER_FACTOR`` times their mean. OWL scores
@@ -161,7 +161,7 @@ def outlier_ratios(
     """Return each layer's OWL outlier ratio from its weight and calibration input norms.
 
     ``stats[name].hessian`` is the sum of ``x xᵀ`` over calibration tokens, so its diagonal
-    holds the squared input norms ``||X_j||²`` that Wanda scores use.
+    contains the squared input norms ``||X_j||²`` that Wanda scores use.
     """
     modules = dict(model.named_modules())
     ratios = {}

@@ -1,7 +1,7 @@
 """Predicted latency of level maps, the latency budget and the sparsity of a configuration.
 
 A model's predicted latency is the cost model's prediction for every eligible layer at its
-level plus the model's non-prunable remainder. The table below asks the cost model once per
+level plus the model's non-prunable remainder. The table below queries the cost model once per
 (layer, level) so that baselines and bounds can reason layer by layer; whole configurations are
 predicted through ``CostModel.predict_model`` so that the number reported is the cost model's.
 """
@@ -45,7 +45,7 @@ class LatencyTable:
     """Per-layer predicted latencies of one model on one device, for the allowed levels.
 
     ``layer_ms[name][level]`` is the cost model's prediction for that layer alone, or NaN where
-    the cost model has no basis for it (``missing`` holds the reason). A configuration that
+    the cost model has no basis for it (``missing`` has the reason). A configuration that
     uses such a level cannot be predicted, and its trial fails.
     """
 

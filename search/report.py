@@ -2,8 +2,8 @@
 
 ``build_report`` returns a JSON-ready dict; ``write_report`` writes it as ``report.json`` with a
 readable ``summary.txt`` beside it. Reported quality is measured on held-out evaluation windows
-(perplexity, lower is better) for the dense model, the winner and every baseline; the search
-objective values sit beside them.
+(perplexity, lower is better) for the dense model, the winner and every baseline. The search
+objective values are reported beside them.
 """
 
 from __future__ import annotations
@@ -80,7 +80,9 @@ def build_report(
             "held_out_perplexity": held_out,
             "objective": objective,
         }
-    uniform = {name: value for name, value in quality["baselines"].items() if name.startswith("uniform")}
+    uniform = {
+        name: value for name, value in quality["baselines"].items() if name.startswith("uniform")
+    }
     quality["best_uniform"] = min(uniform, key=uniform.get) if uniform else None
 
     predicted = None
@@ -213,7 +215,7 @@ def format_summary(report: dict[str, Any]) -> str:
            if report["dense_measured_latency_ms"] is not None else ""),
     ]
     if report["levels"] is None:
-        lines += ["", "no trial could be predicted or measured: see the failed trials in report.json"]
+        lines += ["", "no trial was predicted or measured: see the failed trials in report.json"]
         return "\n".join(lines) + "\n"
 
     verdict = "feasible" if report["feasible"] else "INFEASIBLE (closest configuration shown)"

@@ -3,9 +3,9 @@
 Each eligible Linear is one categorical parameter over the allowed levels. A trial's
 configuration is first predicted by the device's cost model. A configuration over the latency
 budget (or under the sparsity target) is infeasible and is reported to the study as PRUNED
-without being measured, because its quality cannot make it the answer. A feasible one is assembled from the variant cache and its
-quality measured end to end (KL to the dense model on calibration windows, or perplexity), which
-is the value the study minimises. Constraints go through ``trial.set_constraint``, so the TPE
+without being measured, because its quality cannot make it the winner. A feasible one is
+assembled from the variant cache and its quality measured end to end (KL to the dense model on
+calibration windows, or perplexity), which is the value the study minimises. Constraints go through ``trial.set_constraint``, so the TPE
 sampler steers towards feasible configurations (Optuna 5.1: feasible when every value is <= 0).
 
 The baselines (every fitting uniform level, a greedy and an OWL-style allocation; see
@@ -95,9 +95,10 @@ def run_search(
     ``on_trial(record)`` is called after every trial with its number, state, levels, quality,
     predicted latency, sparsity, feasibility, reason and seed name. ``should_stop()`` is polled
     between trials; when it returns true the search ends early and keeps its finished trials.
-    ``storage`` is an Optuna RDB URL shared by several workers, each running trials until the
-    study contains ``spec.trials`` of them; without it the study is in memory. With ``out_dir``,
-    ``report.json``, ``summary.txt`` and the pruned checkpoint under ``model/`` are written.
+    ``storage`` is an Optuna RDB URL shared by several workers. Each worker runs trials until the
+    study contains ``spec.trials`` of them. Without ``storage`` the study is in memory. With
+    ``out_dir``, ``report.json``, ``summary.txt`` and the pruned checkpoint under ``model/`` are
+    written.
 
     Raises BudgetError when the budget is under the lowest predicted latency any allowed
     configuration reaches, or the sparsity target over the highest reachable sparsity.
@@ -393,9 +394,10 @@ def run_trials(
     should_stop: Callable[[], bool] | None,
     progress: bool,
 ) -> bool:
-    """Ask, evaluate and tell trials until the study holds ``spec.trials``; return if stopped."""
+    """Ask, evaluate and tell trials until the study has ``spec.trials``; return if stopped."""
     total = context.spec.trials
-    bar = _progress_bar(total, counted_trials(study), enabled=progress, desc="search", unit="trial")
+    done = counted_trials(study)
+    bar = _progress_bar(total, done, enabled=progress, desc="search", unit="trial")
     try:
         while counted_trials(study) < total:
             if should_stop is not None and should_stop():
@@ -460,9 +462,9 @@ def enqueue_repair(
 ) -> None:
     """Enqueue the greedy repair of an infeasible proposal as a coming trial.
 
-    The sampler learns from the infeasible trial; the repair raises the levels of the layers
-    with the least loss per millisecond saved until the configuration fits, so the sampler's
-    region is also measured. A repair already in the study is not enqueued again.
+    The sampler learns from the infeasible trial. The repair raises the levels of the layers
+    with the least loss per millisecond saved until the configuration fits, so the region the
+    sampler proposed is measured too. A repair already in the study is not enqueued again.
     """
     if context.losses is None:
         return
@@ -538,7 +540,7 @@ def record_from_trial(frozen: FrozenTrial) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Picking the answer
+# Picking the winner
 
 
 def finished_records(study: optuna.Study) -> list[dict]:
@@ -614,7 +616,8 @@ def _progress_text(study: optuna.Study, context: SearchContext) -> str:
     best = best_feasible(finished_records(study))
     if best is None:
         return "no feasible trial yet"
-    return f"best {context.spec.objective} {best['quality']:.4g} at {best['predicted_latency_ms']:.3g} ms"
+    quality, latency = best["quality"], best["predicted_latency_ms"]
+    return f"best {context.spec.objective} {quality:.4g} at {latency:.3g} ms"
 
 
 def _progress_bar(total: int, done: int, *, enabled: bool, desc: str, unit: str):

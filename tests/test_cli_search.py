@@ -113,12 +113,20 @@ def test_search_rejects_missing_device_file(tiny_mamba_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not DEFAULT_MODEL_DIR.is_dir(), reason="the embedded model is not built")
-def test_search_defaults_on_embedded_model(tmp_path, capsys):
+def test_search_on_embedded_model(tmp_path, capsys):
+    loaded = load_checkpoint("default")
+    device = write_device_file(tmp_path / "device.jsonl", loaded)
     out = tmp_path / "run"
-    status = main(["search", "--trials", "12", "--out", str(out), "--quiet"])
+    status = main([
+        "search", "--device", str(device), "--trials", "12", "--calibration-windows", "16",
+        "--evaluation-windows", "16", "--out", str(out), "--quiet",
+    ])
     assert status == 0
     report = json.loads((out / "report.json").read_text())
     assert report["budget_ratio"] == 0.6
     assert report["feasible"] is True
-    assert report["measured_latency_ms"] > 0
-    assert report["quality"]["best"] <= min(report["quality"]["baselines"].values()) * 1.05
+    assert report["predicted_latency_ms"] <= report["budget_ms"]
+    objective = report["quality"]["objective_values"]
+    for name, value in objective["baselines"].items():
+        assert objective["best"] <= value, name
+    assert report["quality"]["best"] < 2 * report["quality"]["dense"]

@@ -175,7 +175,8 @@ def test_constraints_split_feasible_and_infeasible(context):
     budget = context.budget.ms
     assert len(records) == context.spec.trials
     for record in records:
-        assert record["predicted_latency_ms"] == pytest.approx(context.table.predict(record["levels"]))
+        expected_ms = context.table.predict(record["levels"])
+        assert record["predicted_latency_ms"] == pytest.approx(expected_ms)
         if record["predicted_latency_ms"] > budget:
             assert record["state"] == "PRUNED"
             assert record["feasible"] is False
@@ -299,7 +300,8 @@ def test_multi_objective_front_is_non_dominated(tiny_mamba2_dir, device_file):
         return (
             a["quality"] <= b["quality"]
             and a["predicted_latency_ms"] <= b["predicted_latency_ms"]
-            and (a["quality"], a["predicted_latency_ms"]) != (b["quality"], b["predicted_latency_ms"])
+            and (a["quality"], a["predicted_latency_ms"])
+            != (b["quality"], b["predicted_latency_ms"])
         )
 
     for member in front:
@@ -332,3 +334,17 @@ def test_shared_storage_continues_one_study(context, tmp_path):
     seed_names = [t.user_attrs.get("seed_name") for t in trials]
     for name in context.seeds:
         assert seed_names.count(name) == 1
+
+
+def test_measure_decode_times_winner_and_dense(context):
+    from search.report import measure_decode
+
+    level_map = context.seeds["greedy"]
+    pruned_ms, dense_ms = measure_decode(context, level_map)
+    assert pruned_ms > 0
+    assert dense_ms > 0
+    # The dense weights are back after the measurement.
+    modules = dict(context.loaded.model.named_modules())
+    name = context.layers[0].name
+    weight = modules[name].weight.detach()
+    assert int((weight == 0).sum()) < weight.numel() // 4
