@@ -59,8 +59,8 @@ FALLBACK_CACHE_BYTES = 64 << 20
 # The rotated copies of one layer add up to this multiple of the largest cache, so that each
 # call finds its weights evicted.
 ROTATION_CACHE_MULTIPLE = 2
-# Consecutive layer calls timed together as one sample: enough to average out the timer's
-# overhead on small layers, few enough to keep a probe of many shapes short.
+# Layer calls timed per repeat. Each is timed on its own, so that a call delayed by the
+# scheduler is one outlier the median drops rather than part of every sample.
 CALLS_PER_SAMPLE = 8
 # Decode steps fed before the timed steps of a model measurement, so that the conv windows and
 # recurrent states hold realistic values.
@@ -103,6 +103,30 @@ def _parse_cache_size(text: str) -> int:
 def kernel_threads() -> int:
     """Return the number of threads the numba kernels run on."""
     return int(numba.get_num_threads())
+
+
+def clock_function(clock: str) -> Callable[[], float]:
+    """Return the timer of ``clock`` in seconds: ``wall`` or ``thread`` (this thread's CPU time).
+
+    The thread clock leaves out time the scheduler gives to other processes, so it estimates
+    the latency of an idle machine on a busy one. It sees only the calling thread, so it
+    requires the kernels to run on one thread.
+    """
+    if clock == "wall":
+        return time.perf_counter
+    if clock == "thread":
+        if kernel_threads() != 1:
+            raise MeasurementError(
+                f"clock='thread' counts only the calling thread's CPU time, but the kernels run "
+                f"on {kernel_threads()} threads: set NUMBA_NUM_THREADS=1 or use clock='wall'"
+            )
+        return time.thread_time
+    raise MeasurementError(f"clock={clock!r} is unknown: use 'wall' or 'thread'")
+
+
+def backend_name(clock: str) -> str:
+    """Return the backend recorded for ``clock``, so that the two timings never mix in one fit."""
+    return BACKEND if clock == "wall" else f"{BACKEND}/{clock}-time"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,15 +202,16 @@ def measure_linear(
     warmup: int = DEFAULT_WARMUP,
     rotation_bytes: int | None = None,
     seed: int = DEFAULT_SEED,
+    clock: str = "wall",
 ) -> Timing:
     """Time one Linear (out_features x in_features) at ``level`` over ``tokens`` input rows.
 
     Random weights with the ``level`` smallest |w| of each group of 4 zeroed are packed into
     copies that together reach ``rotation_bytes`` (twice the largest CPU cache by default), and
     the calls cycle through them, so that each call finds in cache only what other traffic of
-    that many bytes leaves there. A
-    sample times ``CALLS_PER_SAMPLE`` consecutive calls and divides by that count; ``warmup``
-    untimed samples come first. Level 0 runs the dense kernel.
+    that many bytes leaves there. Each call is timed on its own, ``CALLS_PER_SAMPLE`` calls per
+    repeat, after ``warmup`` untimed rounds of as many calls; the record's ``repeats`` is the
+    number of timed calls. Level 0 runs the dense kernel.
     """
     _check_counts(repeats, warmup)
     if level not in DEFAULT_LEVELS:
@@ -210,16 +235,14 @@ def measure_linear(
         output = np.empty((tokens, out_features), dtype=np.float32)
     call = _linear_call(weight, level, tokens, copies)
 
+    now = clock_function(clock)
     samples = []
-    index = 0
-    for sample in range(warmup + repeats):
-        start = time.perf_counter()
-        for _ in range(CALLS_PER_SAMPLE):
-            call(index, inputs, output)
-            index = (index + 1) % copies
-        elapsed_ms = (time.perf_counter() - start) * 1e3
-        if sample >= warmup:
-            samples.append(elapsed_ms / CALLS_PER_SAMPLE)
+    for index in range(total_calls):
+        start = now()
+        call(index % copies, inputs, output)
+        elapsed_ms = (now() - start) * 1e3
+        if index >= warmup * CALLS_PER_SAMPLE:
+            samples.append(elapsed_ms)
     return Timing.from_samples(samples, warmup=warmup)
 
 
@@ -273,6 +296,7 @@ def eligible_shapes(model) -> dict[str, tuple[int, int]]:
 def measure_engine(
     engine: DecodeEngine, *, repeats: int = DEFAULT_REPEATS, warmup: int = DEFAULT_WARMUP,
     seed: int = DEFAULT_SEED,
+    clock: str = "wall",
 ) -> Timing:
     """Time single decode steps of ``engine`` on seeded random token ids; one sample per step."""
     _check_counts(repeats, warmup)
@@ -281,11 +305,12 @@ def measure_engine(
     engine.reset()
     for token_id in token_ids[: PRIME_TOKENS + warmup]:
         engine.step(int(token_id))
+    now = clock_function(clock)
     samples = []
     for token_id in token_ids[PRIME_TOKENS + warmup :]:
-        start = time.perf_counter()
+        start = now()
         engine.step(int(token_id))
-        samples.append((time.perf_counter() - start) * 1e3)
+        samples.append((now() - start) * 1e3)
     return Timing.from_samples(samples, warmup=warmup)
 
 
@@ -368,6 +393,7 @@ def probe_model(
     repeats: int = DEFAULT_REPEATS,
     warmup: int = DEFAULT_WARMUP,
     seed: int = DEFAULT_SEED,
+    clock: str = "wall",
     progress: bool = False,
 ) -> ProbeResult:
     """Measure the layers, the remainder and whole-model decode of a model on this machine.
@@ -375,8 +401,11 @@ def probe_model(
     ``levels`` are the Cn4 levels to measure; level 0 (dense) is always added, because budgets
     are set against the dense model. ``tokens`` are the input row counts of the layer records;
     model and remainder records are one decode step (tokens=1). ``configs`` random level maps
-    over ``levels`` form the validation set. With ``progress``, a tqdm bar goes to stderr.
+    over ``levels`` form the validation set. ``clock`` is ``wall`` or ``thread`` (see
+    :func:`clock_function`); thread-clock records carry their own backend name. With
+    ``progress``, a tqdm bar goes to stderr.
     """
+    clock_function(clock)
     _check_counts(repeats, warmup)
     if isinstance(configs, bool) or not isinstance(configs, int) or configs < 0:
         raise MeasurementError(f"configs={configs!r} is invalid: give a whole number of 0 or more")
@@ -402,7 +431,7 @@ def probe_model(
 
     common = {
         "device": device,
-        "backend": BACKEND,
+        "backend": backend_name(clock),
         "dtype": "float32",
         "threads": kernel_threads(),
         "tool_version": TOOL_VERSION,
@@ -425,6 +454,7 @@ def probe_model(
                     timing = measure_linear(
                         out_features, in_features, level, tokens=token_count, repeats=repeats,
                         warmup=warmup, rotation_bytes=min(step_bytes, rotation_cap), seed=seed,
+                        clock=clock,
                     )
                     result.layers.append(
                         Measurement(
@@ -443,7 +473,9 @@ def probe_model(
             engine = DecodeEngine(
                 model, level_map, prune_to_levels=True, packed_cache=packed_cache
             )
-            timing = measure_engine(engine, repeats=repeats, warmup=warmup, seed=seed)
+            timing = measure_engine(
+                engine, repeats=repeats, warmup=warmup, seed=seed, clock=clock
+            )
             del engine
             levels_field = {
                 name: (*shapes_by_name[name], level) for name, level in level_map.items()
@@ -458,7 +490,9 @@ def probe_model(
         bar.close()
         packed_cache = None
 
-    result.remainder.append(_remainder_record(result.calibration, layer_ms, identity, common))
+    remainder = _remainder_record(result.calibration, layer_ms, identity, common)
+    if remainder is not None:
+        result.remainder.append(remainder)
     result.seconds = time.perf_counter() - started
     logger.info(
         "probed %s on %s in %.1f s: %d layer records, %d model records",
@@ -484,18 +518,24 @@ def _remainder_record(
     layer_ms: Mapping[tuple[int, int, int], float],
     identity: str,
     common: Mapping[str, object],
-) -> Measurement:
-    """Build the remainder as the median over calibration maps of step minus measured Linears."""
+) -> Measurement | None:
+    """Build the remainder as the median over calibration maps of step minus measured Linears.
+
+    Returns None, with a warning, when that median is not positive.
+    """
     differences = []
     for record in calibration:
         linears = sum(layer_ms[tuple(entry)] for entry in record.levels.values())
         differences.append(record.median_ms - linears)
     remainder = statistics.median(differences)
     if remainder <= 0:
-        raise MeasurementError(
-            f"the measured Linears add up to more than the whole decode step (step minus "
-            f"Linears = {remainder:.4f} ms): the machine was probably busy; probe again"
+        logger.warning(
+            "no remainder record for model %s: the measured Linears add up to more than the "
+            "whole decode step (step minus Linears = %.4f ms), so the machine was probably "
+            "busy; probe again for a usable remainder",
+            identity[:16], remainder,
         )
+        return None
     values = np.asarray(differences)
     return Measurement(
         op="remainder", model=identity, tokens=1, timestamp=_now(),

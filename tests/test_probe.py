@@ -9,6 +9,7 @@ from latency_models.cost_model import CostModel, accuracy_report
 from latency_models.measurements import read_measurements, write_measurements
 from latency_models.probe import (
     BACKEND,
+    CALLS_PER_SAMPLE,
     measure_linear,
     measure_model_decode,
     model_id,
@@ -110,7 +111,7 @@ def test_random_level_maps_seeded():
 
 def test_measure_linear_tokens():
     timing = measure_linear(32, 64, 2, tokens=4, repeats=3, warmup=1, rotation_bytes=1 << 16)
-    assert timing.repeats == 3
+    assert timing.repeats == 3 * CALLS_PER_SAMPLE
     assert 0 < timing.p10_ms <= timing.median_ms <= timing.p90_ms
 
 
