@@ -85,6 +85,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--seed", type=int, default=DEFAULT_SEED, help="seed of the random level maps and inputs"
     )
     parser.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help=(
+            "wall time (the default), or the probing thread's CPU time, which leaves out time "
+            "taken by other processes; thread needs NUMBA_NUM_THREADS=1"
+        ),
+    )
+    parser.add_argument(
         "--device",
         default=None,
         metavar="NAME",
@@ -113,14 +122,20 @@ def run_probe(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         warmup=args.warmup,
         seed=args.seed,
+        clock=args.clock,
         progress=True,
     )
     write_measurements(result.records, out)
     dense = result.calibration[0]
+    remainder = (
+        f"remainder {result.remainder[0].median_ms:.3f} ms"
+        if result.remainder
+        else "no remainder (the Linears outweighed the step; probe again)"
+    )
     print(
         f"wrote {len(result.records)} records to {out} in {result.seconds:.1f} s: "
         f"{len(result.layers)} linear, {len(result.calibration) + len(result.validation)} model "
-        f"({len(result.validation)} random), 1 remainder; dense decode "
-        f"{dense.median_ms:.3f} ms/token, remainder {result.remainder[0].median_ms:.3f} ms"
+        f"({len(result.validation)} random), {len(result.remainder)} remainder; dense decode "
+        f"{dense.median_ms:.3f} ms/token, {remainder}"
     )
     return 0

@@ -2,11 +2,12 @@
 
 Decoding one token through the Hugging Face modules on the CPU spends most of its time in Python
 and PyTorch dispatch, which would hide what Cn4 sparsity changes. :class:`DecodeEngine` copies a
-model's weights into numpy arrays once and runs each decode step as a short chain of numba calls:
-per block one fused residual add and RMSNorm, the ``in_proj`` GEMV, one fused kernel for the
-causal depthwise conv1d, SiLU, the selective state update and (Mamba2) the gated RMSNorm, and the
-``out_proj`` GEMV. Mamba blocks add the ``x_proj`` and ``dt_proj`` GEMVs. Linears at a level
-above 0 run the packed Cn4 GEMV of :mod:`latency_models.kernels`, the others its dense GEMV.
+model's weights into numpy arrays once and runs each decode step as a short chain of numba calls.
+Per block these are one fused residual add and RMSNorm, the ``in_proj`` GEMV, one fused kernel
+for the causal depthwise conv1d, SiLU, the selective state update and (Mamba2) the gated
+RMSNorm, and the ``out_proj`` GEMV. Mamba blocks add the ``x_proj`` and ``dt_proj`` GEMVs.
+Linears at a level above 0 run the packed Cn4 GEMV of :mod:`latency_models.kernels`, the others
+its dense GEMV.
 
 The maths follows the single-token (recurrent) path of ``transformers`` 5.x,
 ``models/mamba/modeling_mamba.py`` and ``models/mamba2/modeling_mamba2.py``; the engine keeps
@@ -69,7 +70,7 @@ def _softplus(value):
 def _conv_step(inputs, window, conv_weight, conv_bias, out):
     """Shift ``inputs`` (channels,) into ``window`` (channels, kernel) and write SiLU(conv) to ``out``.
 
-    ``window[:, -1]`` holds the newest input; the depthwise filter ``conv_weight`` (channels,
+    ``window[:, -1]`` is the newest input, and the depthwise filter ``conv_weight`` (channels,
     kernel) is applied over the window, as a causal conv1d at the last position.
     """
     channels, kernel = window.shape

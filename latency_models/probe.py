@@ -5,8 +5,8 @@ The probe measures three kinds of cases on this machine, all through the numba k
 
 1. ``op="linear"``: every distinct eligible Linear shape of the model at every requested level
    and token count. Between two uses of a layer, a decode step reads every other weight of the
-   model once, so the probe packs copies of the layer adding up to that many bytes (the model's
-   weight bytes with every eligible layer at the measured level) and cycles through them. A
+   model once. The probe therefore cycles through copies of the layer that add up to the
+   model's weight bytes with every eligible layer at the measured level. A
    model larger than the caches thus streams each layer from memory, as decoding does, while a
    model that fits in cache is measured from cache. Beyond twice the largest CPU cache (read
    from /sys) more copies change nothing, so the rotation stops growing there.
@@ -109,7 +109,7 @@ def clock_function(clock: str) -> Callable[[], float]:
     """Return the timer of ``clock`` in seconds: ``wall`` or ``thread`` (this thread's CPU time).
 
     The thread clock leaves out time the scheduler gives to other processes, so it estimates
-    the latency of an idle machine on a busy one. It sees only the calling thread, so it
+    the latency of an idle machine on a busy one. It counts only the calling thread, so it
     requires the kernels to run on one thread.
     """
     if clock == "wall":
@@ -210,8 +210,8 @@ def measure_linear(
     copies that together reach ``rotation_bytes`` (twice the largest CPU cache by default), and
     the calls cycle through them, so that each call finds in cache only what other traffic of
     that many bytes leaves there. Each call is timed on its own, ``CALLS_PER_SAMPLE`` calls per
-    repeat, after ``warmup`` untimed rounds of as many calls; the record's ``repeats`` is the
-    number of timed calls. Level 0 runs the dense kernel.
+    repeat, after ``warmup`` untimed rounds of as many calls. The returned ``repeats`` counts
+    the timed calls. Level 0 runs the dense kernel.
     """
     _check_counts(repeats, warmup)
     if level not in DEFAULT_LEVELS:
