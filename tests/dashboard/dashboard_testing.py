@@ -19,7 +19,7 @@ MIXED_MAPS = 6
 
 
 def _root_conftest():
-    """The repository's tests/conftest.py, which holds ``write_tiny_checkpoint``."""
+    """The repository's tests/conftest.py, which defines ``write_tiny_checkpoint``."""
     path = REPO_ROOT / "tests" / "conftest.py"
     spec = importlib.util.spec_from_file_location("cn4_root_conftest_for_dashboard", path)
     module = importlib.util.module_from_spec(spec)
@@ -33,9 +33,9 @@ write_tiny_checkpoint = _root_conftest().write_tiny_checkpoint
 def tiny_device_records(model_dir: Path, *, device: str = "tiny-cpu") -> list[dict]:
     """Measurements of a made-up device for the tiny model, as a device file would hold them.
 
-    Every eligible Linear shape at every level with its 10th and 90th percentiles, the
-    remainder, and whole-model records (the uniform maps and a few mixed maps) whose latency
-    is the remainder plus the layers, off by a few percent, so the fit has something to score.
+    The file has every eligible Linear shape at every level with its 10th and 90th
+    percentiles, and the remainder. Its whole-model records (the uniform maps and a few mixed
+    maps) are the remainder plus the layers, off by a few percent, so the fit has errors to score.
     """
     from search.models import eligible_layers, load_checkpoint
 

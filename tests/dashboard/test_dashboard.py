@@ -149,6 +149,7 @@ def test_devices_page_plots_measurements(page, dashboard, fitted_device):
     assert plotted_points(page, "#measurements") == len(linear)
     shapes = {(record["out_features"], record["in_features"]) for record in linear}
     assert page.locator("#measurements .scatterlayer .trace").count() == len(shapes)
+    assert page.locator("#measurements .errorbar").count() == len(linear)
     for op in ("linear", "model", "remainder"):
         expected = sum(record["op"] == op for record in records)
         expect(page.locator(f"#record-counts td[data-op={op}]")).to_have_text(str(expected))
@@ -221,6 +222,7 @@ def test_cancel_button_cancels_queued_job(page, dashboard, submitted_jobs):
     expect(page.locator("#state [data-state]")).to_have_attribute("data-state", "cancelled")
     expect(page.locator("#action-messages")).to_contain_text("The job is cancelled")
     expect(page.locator("#cancel")).to_be_disabled()
+    expect(page.locator("#baseline-messages")).to_contain_text("No report: the job was cancelled")
     assert dashboard.http.get(f"/v1/jobs/{job_id}").json()["state"] == "cancelled"
 
 
@@ -290,6 +292,26 @@ def test_job_page_shows_finished_search(page, dashboard, submitted_jobs):
         readme = save_screenshot(page, "job-readme", full_page=True, clip=clip)
         README_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         README_SCREENSHOT.write_bytes(readme.read_bytes())
+    assert page.log.script_errors() == []
+
+
+def test_failed_job_shows_error(page, dashboard, submitted_jobs):
+    spec = dashboard.http.get(f"/v1/jobs/{submitted_jobs['search']}").json()["spec"]
+    # Valid for the API, but below the fastest configuration the device's latency model predicts.
+    spec = {**spec, "budget_ratio": None, "budget_ms": 0.001}
+    response = dashboard.http.post("/v1/jobs", json={"spec": spec})
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+
+    page.goto(f"/jobs/{job_id}")
+    expect(page.locator("#state [data-state]")).to_have_attribute(
+        "data-state", "failed", timeout=JOB_TIMEOUT_S * 1000
+    )
+    error = dashboard.http.get(f"/v1/jobs/{job_id}").json()["error"]
+    assert error
+    expect(page.locator("#job-error .error")).to_have_text(f"The job failed: {error}")
+    expect(page.locator("#baseline-messages")).to_have_text("No report: the job failed.")
+    save_screenshot(page, "job-failed")
     assert page.log.script_errors() == []
 
 

@@ -83,7 +83,8 @@ function clear(container) {
 
 function formatNumber(value, digits = 4) {
   if (value === null || value === undefined || Number.isNaN(value)) return "–";
-  return Number(value).toPrecision(digits);
+  // Round to `digits` significant digits and drop trailing zeros: 0.001, not 0.001000.
+  return String(Number(Number(value).toPrecision(digits)));
 }
 
 function formatMs(value) {

@@ -40,6 +40,14 @@ async function loadDevices() {
   if (device) showDevice(device);
 }
 
+// The spread of one record below and above its median: the 10th to 90th percentile when the
+// file gives both, else one standard deviation each way, else none.
+function spread(record) {
+  if (record.p10_ms != null && record.p90_ms != null) return [record.median_ms - record.p10_ms, record.p90_ms - record.median_ms];
+  if (record.std_ms != null) return [record.std_ms, record.std_ms];
+  return [0, 0];
+}
+
 // Group linear records by shape and tokens, each group one trace of latency against level.
 function measurementTraces(records) {
   const groups = new Map();
@@ -52,15 +60,14 @@ function measurementTraces(records) {
   }
   return [...groups.entries()].map(([name, group]) => {
     group.sort((a, b) => a.level - b.level);
-    const upper = group.map((r) => (r.p90_ms != null && r.p10_ms != null ? r.p90_ms - r.median_ms : r.std_ms != null ? r.std_ms : 0));
-    const lower = group.map((r) => (r.p90_ms != null && r.p10_ms != null ? r.median_ms - r.p10_ms : r.std_ms != null ? r.std_ms : 0));
+    const spreads = group.map(spread);
     return {
       name,
       type: "scatter",
       mode: "lines+markers",
       x: group.map((r) => r.level),
       y: group.map((r) => r.median_ms),
-      error_y: { type: "data", symmetric: false, array: upper, arrayminus: lower, visible: true },
+      error_y: { type: "data", symmetric: false, array: spreads.map((pair) => pair[1]), arrayminus: spreads.map((pair) => pair[0]), visible: true },
       hovertemplate: `${name}, level %{x}: %{y:.4g} ms<extra></extra>`,
     };
   });

@@ -410,6 +410,13 @@ async function renderLayerLatency() {
 
 // --- baselines --------------------------------------------------------------------------------
 
+// Why a final job has no report, or `pending` while it may still get one.
+function missingReportText(pending) {
+  if (job.state === "failed") return "No report: the job failed.";
+  if (job.state === "cancelled") return "No report: the job was cancelled before its search wrote one.";
+  return pending;
+}
+
 function withinBudget(latency, budget) {
   if (budget === null || latency === null) return "–";
   return latency <= budget ? "within" : "over";
@@ -421,8 +428,8 @@ function renderBaselines() {
   const full = report();
   if (!full) {
     clear(table);
-    if (resultError) showError(box, resultError);
-    else showNotice(box, "The baselines are scored when the search ends.");
+    if (resultError && resultError.status !== 409) showError(box, resultError);
+    else showNotice(box, missingReportText("The baselines are scored when the search ends."));
     return;
   }
   clear(box);
@@ -470,7 +477,7 @@ function renderWinnerLatency() {
   const full = report();
   if (!full) {
     clear(figures);
-    showNotice(box, "Shown when the search ends.");
+    showNotice(box, missingReportText("Shown when the search ends."));
     return;
   }
   figures.replaceChildren(
