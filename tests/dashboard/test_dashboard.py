@@ -325,10 +325,11 @@ def test_jobs_page_lists_and_filters(page, dashboard, submitted_jobs):
     assert math.isclose(shown_number(row.locator(".best-latency")), job["best"]["predicted_latency_ms"], rel_tol=1e-3)
     assert math.isclose(shown_number(row.locator(".best-quality")), job["best"]["quality"], rel_tol=1e-3)
 
+    save_screenshot(page, "jobs", full_page=True)
+
     page.select_option("#state-filter", "cancelled")
     cancelled = dashboard.http.get("/v1/jobs", params={"state": "cancelled"}).json()["items"]
     expect(page.locator("#jobs tbody tr")).to_have_count(len(cancelled))
     expect(page.locator(f"#jobs tr[data-job-id='{submitted_jobs['queued']}']")).to_have_count(1)
     assert "state=cancelled" in page.url
-    save_screenshot(page, "jobs", full_page=True)
     assert page.log.script_errors() == []

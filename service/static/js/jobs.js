@@ -19,7 +19,7 @@ function jobRow(job) {
     "tr",
     { "data-job-id": job.id },
     el("td", {}, el("a", { href: `/jobs/${job.id}` }, `#${job.id}`)),
-    el("td", { class: "state" }, stateBadge(job.state), job.cancel_requested && job.state === "running" ? " (cancelling)" : null),
+    el("td", { class: "state-cell" }, stateBadge(job.state), job.cancel_requested && job.state === "running" ? " (cancelling)" : null),
     el(
       "td",
       { class: "progress" },
