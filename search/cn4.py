@@ -416,57 +416,37 @@ def _obs_sweep(
 
     ``factor`` is the upper Cholesky factor ``U`` of the damped ``H^-1``. Column ``j`` at the
     moment it is visited has the OBS error ``err = (w_j - q_j) / U_jj``, and the columns after it
-    receive ``-err * U_j,j+1:``. Updates inside a block happen group by group; the rest of the
-    weight is updated once per block. Returns the pruned weight and its keep mask.
+    receive ``-err * U_j,j+1:``. A compiled kernel does this inside each block, row by row; the
+    columns after the block are updated by one matrix product per block. Returns the pruned
+    weight and its keep mask.
     """
+    from search._obs_kernel import sweep_block
+
     w = weight.clone()
     rows, cols = w.shape
     mask = torch.ones(rows, cols, dtype=torch.bool)
-    max_level = int(row_levels.max())
+    levels = row_levels.to(torch.int64).contiguous().numpy()
     # A pruned weight in a dead column costs nothing on the calibration data, so such weights
     # score 0 and go first.
     alive = (~dead).to(torch.float64)
 
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        block = w[:, start:end].clone()
-        u_block = factor[start:end, start:end]
-        errors = torch.zeros_like(block)
-        diag_block = u_block.diagonal()
-
-        for g in range(0, end - start, GROUP_SIZE):
-            group = slice(g, g + GROUP_SIZE)
-            # 1. Pick the group's zeros by the smallest w^2 / U_jj^2.
-            scores = block[:, group] ** 2 / diag_block[group].unsqueeze(0) ** 2
-            scores = scores * alive[start + g : start + g + GROUP_SIZE].unsqueeze(0)
-            order = torch.argsort(scores, dim=1, stable=True)
-            group_keep = torch.ones(rows, GROUP_SIZE, dtype=torch.bool)
-            for k in range(max_level):
-                prune_rows = row_levels > k
-                group_keep[prune_rows, order[prune_rows, k]] = False
-            mask[:, start + g : start + g + GROUP_SIZE] = group_keep
-
-            # 2. Visit the group's columns one by one, spreading each error inside the group.
-            group_errors = torch.zeros(rows, GROUP_SIZE, dtype=torch.float64)
-            for j in range(GROUP_SIZE):
-                col = g + j
-                values = block[:, col]
-                quantised = torch.where(group_keep[:, j], values, torch.zeros_like(values))
-                error = (values - quantised) / u_block[col, col]
-                block[:, col] = quantised
-                if j + 1 < GROUP_SIZE:
-                    block[:, col + 1 : g + GROUP_SIZE] -= error.unsqueeze(1) * u_block[
-                        col, col + 1 : g + GROUP_SIZE
-                    ].unsqueeze(0)
-                group_errors[:, j] = error
-            errors[:, group] = group_errors
-
-            # 3. Spread the group's errors onto the rest of the block.
-            if g + GROUP_SIZE < end - start:
-                block[:, g + GROUP_SIZE :] -= group_errors @ u_block[group, g + GROUP_SIZE :]
-
+        block = w[:, start:end].contiguous()
+        u_block = factor[start:end, start:end].contiguous()
+        keep = torch.empty(rows, end - start, dtype=torch.bool)
+        errors = torch.empty(rows, end - start, dtype=torch.float64)
+        sweep_block(
+            block.numpy(),
+            u_block.numpy(),
+            levels,
+            alive[start:end].contiguous().numpy(),
+            keep.numpy(),
+            errors.numpy(),
+        )
         w[:, start:end] = block
-        # 4. Spread the block's errors onto every later column at once.
+        mask[:, start:end] = keep
+        # Spread the block's errors onto every later column at once.
         if end < cols:
             w[:, end:] -= errors @ factor[start:end, end:]
 
