@@ -9,10 +9,11 @@ and no codes.
 Kernels, all parallel over output rows with ``prange`` (they use ``numba.get_num_threads()``
 threads, so ``numba.set_num_threads`` limits them) and writing into arrays the caller allocates:
 
-- decode ``y = W x`` (one token): the kept values are expanded back to 4 weights per group
-  with arithmetic selects on the keep mask, then multiplied with ``x`` rearranged by position
-  within the group (``x_by_position[p, g] = x[4g + p]``). Every load is contiguous, so LLVM
-  vectorises the loop over groups; a gather ``x[4g + position]`` per kept value would not.
+- decode ``y = W x`` (one token): ``x`` is first rearranged by position within the group
+  (``x_by_position[p, g] = x[4g + p]``), so the four candidates of a group are contiguous
+  loads. Each kept value then picks its candidate with register blends on the keep mask and
+  costs one multiply-add; a gather ``x[4g + position]`` would not vectorise. Four rows per
+  step share each load of ``x``, which otherwise bounds the loop.
 - prefill ``Y = X Wᵀ`` (many tokens): for each kept value the whole tile of tokens is updated
   from ``X`` transposed to [in, tokens], so the innermost loop runs over contiguous tokens and
   each group costs 4-n multiply-adds per token.
