@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> dict:
             prune_obs_levels(weight, LEVELS, stats[name])
 
     # The whole preparation a search job runs on an empty cache: calibration plus OBS variants.
+    # The numba kernel compiled on first use above, or came from numba's on-disk cache.
     with tempfile.TemporaryDirectory() as root, Timer() as prepare_time:
         fresh_stats = collect_layer_stats(model, calibration, names)
         cache = VariantCache(
@@ -201,8 +202,13 @@ def main() -> int:
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--eval-window", type=int, default=256, help="evaluation window, tokens")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (default: torch's own choice, the core count)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
     result = run(args)

@@ -109,7 +109,7 @@ def test_invalid_level_map_fails(tiny_mamba2_dir, texts, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [("[1, 2]", "holds no level map"), ('{"a": "two"}', "not an integer"), ("{", "not valid")],
+    [("[1, 2]", "contains no level map"), ('{"a": "two"}', "not an integer"), ("{", "not valid")],
 )
 def test_read_level_map_rejects(tmp_path, content, message):
     path = tmp_path / "levels.json"
