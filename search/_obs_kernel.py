@@ -27,9 +27,9 @@ def sweep_block(
     """Prune ``block`` [rows, width] in place, group by group, and fill ``keep`` and ``errors``.
 
     ``u_block`` is the block's diagonal tile of the upper Cholesky factor of ``H^-1``. Row ``r``
-    zeroes ``row_levels[r]`` weights per group of 4, those with the smallest
-    ``w^2 / U_jj^2 * alive_j`` at the time the group is reached (ties go to the lower column),
-    and spreads each pruned weight's error ``w_j / U_jj`` onto the later columns of the block.
+    zeroes ``row_levels[r]`` weights per group of 4: those with the smallest
+    ``w^2 / U_jj^2 * alive_j`` when the group is reached, ties going to the lower column. Each
+    pruned weight's error ``w_j / U_jj`` is spread onto the later columns of the block.
     ``errors`` receives those errors for the update of the columns after the block.
     """
     rows, width = block.shape
