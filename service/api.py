@@ -191,33 +191,34 @@ def create_app(
     app.state.engine = engine
     app.add_middleware(BodyLimitMiddleware, settings=settings)
 
+    def _rejected(request: Request, status: int, detail: str) -> JSONResponse:
+        logger.info("%s %s rejected with %d: %s", request.method, request.url.path, status, detail)
+        return JSONResponse(status_code=status, content={"detail": detail})
+
     @app.exception_handler(RequestValidationError)
-    async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(status_code=422, content={"detail": _validation_detail(exc)})
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _rejected(request, 422, _validation_detail(exc))
 
     @app.exception_handler(SpecError)
-    async def _invalid_spec(_request: Request, exc: SpecError) -> JSONResponse:
-        return JSONResponse(status_code=422, content={"detail": str(exc)})
+    async def _invalid_spec(request: Request, exc: SpecError) -> JSONResponse:
+        return _rejected(request, 422, str(exc))
 
     @app.exception_handler(queue.JobNotFound)
-    async def _job_not_found(_request: Request, exc: queue.JobNotFound) -> JSONResponse:
-        return JSONResponse(
-            status_code=404,
-            content={"detail": f"job {exc.args[0]} not found: list jobs with GET /v1/jobs"},
-        )
+    async def _job_not_found(request: Request, exc: queue.JobNotFound) -> JSONResponse:
+        return _rejected(request, 404, f"job {exc.args[0]} not found: list jobs with GET /v1/jobs")
 
     @app.exception_handler(queue.JobStateConflict)
-    async def _job_conflict(_request: Request, exc: queue.JobStateConflict) -> JSONResponse:
-        return JSONResponse(status_code=409, content={"detail": str(exc)})
+    async def _job_conflict(request: Request, exc: queue.JobStateConflict) -> JSONResponse:
+        return _rejected(request, 409, str(exc))
 
     @app.exception_handler(queue.IdempotencyConflict)
-    async def _key_conflict(_request: Request, exc: queue.IdempotencyConflict) -> JSONResponse:
-        return JSONResponse(status_code=409, content={"detail": str(exc)})
+    async def _key_conflict(request: Request, exc: queue.IdempotencyConflict) -> JSONResponse:
+        return _rejected(request, 409, str(exc))
 
     @app.exception_handler(Cn4Error)
-    async def _cn4_error(_request: Request, exc: Cn4Error) -> JSONResponse:
+    async def _cn4_error(request: Request, exc: Cn4Error) -> JSONResponse:
         # Remaining cn4 errors are bad input: a checkpoint, measurement file or prediction.
-        return JSONResponse(status_code=422, content={"detail": str(exc)})
+        return _rejected(request, 422, str(exc))
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     def health(engine: EngineDep) -> Any:

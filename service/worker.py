@@ -128,7 +128,12 @@ class Worker:
             return False
         if claim is None:
             return False
-        self._run_claim(claim)
+        try:
+            self._run_claim(claim)
+        except Exception:
+            # Storing the outcome failed (database outage): the lease expires and the job is
+            # re-queued, so the worker lives on.
+            logger.exception("worker %s could not store the outcome of job %d", self.worker_id, claim.job_id)
         self.jobs_done += 1
         return True
 

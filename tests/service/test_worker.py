@@ -170,7 +170,8 @@ def test_killed_worker_job_requeued_and_finished(settings, engine, tiny_under_ro
     assert row.state == "succeeded", row.error
     assert row.attempts == 2
     assert row.lease_owner is None
-    assert row.trials_done >= 6
+    # Every study trial has a row, the killed worker's unfinished one included (as failed).
+    assert row.trials_done == 6
     assert row.result["spec"]["trials"] == 6
     assert Path(row.out_dir).name == "attempt-2"
     assert (Path(row.out_dir) / "report.json").is_file()
@@ -214,25 +215,35 @@ def test_late_result_from_worker_refused(settings, engine):
     assert job(engine, job_id).result == {"from": "fresh"}
 
 
-def test_stale_optuna_trials_failed(database_url):
+def test_resume_study_fails_stale_trials(database_url):
     """A re-claimed job's study: the running trials of the dead worker become failed."""
     import optuna
     from optuna.trial import TrialState
 
     from service.db import normalise_url
-    from service.runner import fail_stale_trials
+    from service.runner import resume_study
 
     storage_url = normalise_url(database_url)
     storage = optuna.storages.RDBStorage(storage_url)
     study = optuna.create_study(storage=storage, study_name="cn4-job-stale")
-    study.tell(study.ask(), 1.0)
+    finished = study.ask()
+    finished.suggest_categorical("layer.a", [1, 2])
+    finished.set_user_attr("quality", 0.5)
+    study.tell(finished, 1.0)
     study.ask()
     study.ask()
     try:
-        assert fail_stale_trials(storage_url, "cn4-job-stale") == 2
+        records = resume_study(storage_url, "cn4-job-stale")
+        assert [record["number"] for record in records] == [0, 1, 2]
+        assert [record["state"] for record in records] == ["COMPLETE", "FAIL", "FAIL"]
+        assert records[0]["quality"] == 0.5
+        assert records[0]["reason"] is None
+        assert all("lease expired" in record["reason"] for record in records[1:])
         states = [trial.state for trial in optuna.load_study(study_name="cn4-job-stale", storage=storage).trials]
         assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
-        assert fail_stale_trials(storage_url, "cn4-job-stale") == 0
-        assert fail_stale_trials(storage_url, "cn4-job-never-created") == 0
+        again = resume_study(storage_url, "cn4-job-stale")
+        assert [record["number"] for record in again] == [0, 1, 2]
+        assert again[1]["reason"] is None
+        assert resume_study(storage_url, "cn4-job-never-created") == []
     finally:
         storage.engine.dispose()
