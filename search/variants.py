@@ -473,6 +473,8 @@ def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     temporary_path = Path(temporary)
     try:
         write(temporary_path)
+        # mkstemp creates the file readable by its owner only; cache files are ordinary data.
+        os.chmod(temporary_path, 0o644)
         os.replace(temporary_path, path)
     except BaseException:
         temporary_path.unlink(missing_ok=True)
