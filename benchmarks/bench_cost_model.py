@@ -80,7 +80,11 @@ def evaluate(name: str, loaded_or_model, args: argparse.Namespace, device: str) 
         "uniform_ms": {
             str(level): record.median_ms for level, record in enumerate(result.calibration)
         },
-        "remainder_ms": result.remainder[0].median_ms,
+        # None when the measured Linears outweighed the step (see probe._remainder_record).
+        "remainder_ms": result.remainder[0].median_ms if result.remainder else None,
+        "layer_ms": {
+            f"{r.out_features}x{r.in_features}@{r.level}": r.median_ms for r in result.layers
+        },
         "measured_range_ms": [min(measured), max(measured)] if measured else None,
         "configs": args.configs,
         "repeats": args.repeats,

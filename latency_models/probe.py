@@ -537,12 +537,15 @@ def _remainder_record(
         )
         return None
     values = np.asarray(differences)
+    p10 = float(min(np.percentile(values, 10), remainder))
+    mean = float(values.mean())
     return Measurement(
         op="remainder", model=identity, tokens=1, timestamp=_now(),
         median_ms=float(remainder),
-        p10_ms=float(min(np.percentile(values, 10), remainder)),
+        # A latency field must be positive: a spread reaching below zero is left out.
+        p10_ms=p10 if p10 > 0 else None,
         p90_ms=float(max(np.percentile(values, 90), remainder)),
-        mean_ms=float(max(values.mean(), 1e-9)),
+        mean_ms=mean if mean > 0 else None,
         std_ms=float(values.std()),
         repeats=len(differences),
         **common,
