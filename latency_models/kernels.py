@@ -12,8 +12,8 @@ threads, so ``numba.set_num_threads`` limits them) and writing into arrays the c
 - decode ``y = W x`` (one token): ``x`` is first rearranged by position within the group
   (``x_by_position[p, g] = x[4g + p]``), so the four candidates of a group are contiguous
   loads. Each kept value then picks its candidate with register blends on the keep mask and
-  costs one multiply-add; a gather ``x[4g + position]`` would not vectorise. Four rows per
-  step share each load of ``x``, which otherwise bounds the loop.
+  costs one multiply-add; a gather ``x[4g + position]`` would not vectorise. Each thread walks
+  whole rows in order, so the weights stream from memory sequentially.
 - prefill ``Y = X Wᵀ`` (many tokens): for each kept value the whole tile of tokens is updated
   from ``X`` transposed to [in, tokens], so the innermost loop runs over contiguous tokens and
   each group costs 4-n multiply-adds per token.
@@ -42,9 +42,6 @@ LEVELS = (0, 1, 2, 3)
 # Reassociation lets LLVM vectorise the reductions; contraction allows fused multiply-adds.
 # No nnan/ninf flags, so NaN and infinity in inputs propagate as in a plain product.
 SUM_FASTMATH = {"reassoc", "contract"}
-
-# Output rows per step of the decode kernels: the rows share each load of x.
-ROW_BLOCK = 4
 
 # Tokens per tile in the prefill kernels: 32 float32 accumulators are two AVX-512 registers.
 TOKEN_TILE = 32
@@ -269,176 +266,70 @@ def _group_dot_n3(values, codes, g, a0, a1, a2, a3):
     return values[g] * _select(_bit_is_set(mask, 3), low, high)
 
 
-@numba.njit(inline="always")
-def _store_rows(y, bias, first_row, acc0, acc1, acc2, acc3):
-    if bias.shape[0]:
-        acc0 += bias[first_row]
-        acc1 += bias[first_row + 1]
-        acc2 += bias[first_row + 2]
-        acc3 += bias[first_row + 3]
-    y[first_row] = acc0
-    y[first_row + 1] = acc1
-    y[first_row + 2] = acc2
-    y[first_row + 3] = acc3
-
-
 @numba.njit(_DECODE_SIGNATURE, parallel=True, fastmath=SUM_FASTMATH, cache=True)
 def matvec_n1(values, codes, x, x_by_position, bias, y):
     """Cn4 GEMV at level 1 (3 kept of 4): ``y = W x + bias``."""
     _fill_x_by_position(x, x_by_position)
-    rows = values.shape[0]
     groups = x_by_position.shape[1]
     x0 = x_by_position[0]
     x1 = x_by_position[1]
     x2 = x_by_position[2]
     x3 = x_by_position[3]
-    for block in numba.prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
-        first_row = block * ROW_BLOCK
-        if first_row + ROW_BLOCK <= rows:
-            values0 = values[first_row]
-            values1 = values[first_row + 1]
-            values2 = values[first_row + 2]
-            values3 = values[first_row + 3]
-            codes0 = codes[first_row]
-            codes1 = codes[first_row + 1]
-            codes2 = codes[first_row + 2]
-            codes3 = codes[first_row + 3]
-            acc0 = np.float32(0.0)
-            acc1 = np.float32(0.0)
-            acc2 = np.float32(0.0)
-            acc3 = np.float32(0.0)
-            for g in range(groups):
-                a0 = x0[g]
-                a1 = x1[g]
-                a2 = x2[g]
-                a3 = x3[g]
-                acc0 += _group_dot_n1(values0, codes0, g, a0, a1, a2, a3)
-                acc1 += _group_dot_n1(values1, codes1, g, a0, a1, a2, a3)
-                acc2 += _group_dot_n1(values2, codes2, g, a0, a1, a2, a3)
-                acc3 += _group_dot_n1(values3, codes3, g, a0, a1, a2, a3)
-            _store_rows(y, bias, first_row, acc0, acc1, acc2, acc3)
-        else:
-            for r in range(first_row, rows):
-                acc = np.float32(0.0)
-                for g in range(groups):
-                    acc += _group_dot_n1(values[r], codes[r], g, x0[g], x1[g], x2[g], x3[g])
-                y[r] = acc + bias[r] if bias.shape[0] else acc
+    for r in numba.prange(values.shape[0]):
+        row_values = values[r]
+        row_codes = codes[r]
+        acc = np.float32(0.0)
+        for g in range(groups):
+            acc += _group_dot_n1(row_values, row_codes, g, x0[g], x1[g], x2[g], x3[g])
+        y[r] = acc + bias[r] if bias.shape[0] else acc
 
 
 @numba.njit(_DECODE_SIGNATURE, parallel=True, fastmath=SUM_FASTMATH, cache=True)
 def matvec_n2(values, codes, x, x_by_position, bias, y):
     """Cn4 GEMV at level 2 (2 kept of 4): ``y = W x + bias``."""
     _fill_x_by_position(x, x_by_position)
-    rows = values.shape[0]
     groups = x_by_position.shape[1]
     x0 = x_by_position[0]
     x1 = x_by_position[1]
     x2 = x_by_position[2]
     x3 = x_by_position[3]
-    for block in numba.prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
-        first_row = block * ROW_BLOCK
-        if first_row + ROW_BLOCK <= rows:
-            values0 = values[first_row]
-            values1 = values[first_row + 1]
-            values2 = values[first_row + 2]
-            values3 = values[first_row + 3]
-            codes0 = codes[first_row]
-            codes1 = codes[first_row + 1]
-            codes2 = codes[first_row + 2]
-            codes3 = codes[first_row + 3]
-            acc0 = np.float32(0.0)
-            acc1 = np.float32(0.0)
-            acc2 = np.float32(0.0)
-            acc3 = np.float32(0.0)
-            for g in range(groups):
-                a0 = x0[g]
-                a1 = x1[g]
-                a2 = x2[g]
-                a3 = x3[g]
-                acc0 += _group_dot_n2(values0, codes0, g, a0, a1, a2, a3)
-                acc1 += _group_dot_n2(values1, codes1, g, a0, a1, a2, a3)
-                acc2 += _group_dot_n2(values2, codes2, g, a0, a1, a2, a3)
-                acc3 += _group_dot_n2(values3, codes3, g, a0, a1, a2, a3)
-            _store_rows(y, bias, first_row, acc0, acc1, acc2, acc3)
-        else:
-            for r in range(first_row, rows):
-                acc = np.float32(0.0)
-                for g in range(groups):
-                    acc += _group_dot_n2(values[r], codes[r], g, x0[g], x1[g], x2[g], x3[g])
-                y[r] = acc + bias[r] if bias.shape[0] else acc
+    for r in numba.prange(values.shape[0]):
+        row_values = values[r]
+        row_codes = codes[r]
+        acc = np.float32(0.0)
+        for g in range(groups):
+            acc += _group_dot_n2(row_values, row_codes, g, x0[g], x1[g], x2[g], x3[g])
+        y[r] = acc + bias[r] if bias.shape[0] else acc
 
 
 @numba.njit(_DECODE_SIGNATURE, parallel=True, fastmath=SUM_FASTMATH, cache=True)
 def matvec_n3(values, codes, x, x_by_position, bias, y):
     """Cn4 GEMV at level 3 (1 kept of 4): ``y = W x + bias``."""
     _fill_x_by_position(x, x_by_position)
-    rows = values.shape[0]
     groups = x_by_position.shape[1]
     x0 = x_by_position[0]
     x1 = x_by_position[1]
     x2 = x_by_position[2]
     x3 = x_by_position[3]
-    for block in numba.prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
-        first_row = block * ROW_BLOCK
-        if first_row + ROW_BLOCK <= rows:
-            values0 = values[first_row]
-            values1 = values[first_row + 1]
-            values2 = values[first_row + 2]
-            values3 = values[first_row + 3]
-            codes0 = codes[first_row]
-            codes1 = codes[first_row + 1]
-            codes2 = codes[first_row + 2]
-            codes3 = codes[first_row + 3]
-            acc0 = np.float32(0.0)
-            acc1 = np.float32(0.0)
-            acc2 = np.float32(0.0)
-            acc3 = np.float32(0.0)
-            for g in range(groups):
-                a0 = x0[g]
-                a1 = x1[g]
-                a2 = x2[g]
-                a3 = x3[g]
-                acc0 += _group_dot_n3(values0, codes0, g, a0, a1, a2, a3)
-                acc1 += _group_dot_n3(values1, codes1, g, a0, a1, a2, a3)
-                acc2 += _group_dot_n3(values2, codes2, g, a0, a1, a2, a3)
-                acc3 += _group_dot_n3(values3, codes3, g, a0, a1, a2, a3)
-            _store_rows(y, bias, first_row, acc0, acc1, acc2, acc3)
-        else:
-            for r in range(first_row, rows):
-                acc = np.float32(0.0)
-                for g in range(groups):
-                    acc += _group_dot_n3(values[r], codes[r], g, x0[g], x1[g], x2[g], x3[g])
-                y[r] = acc + bias[r] if bias.shape[0] else acc
+    for r in numba.prange(values.shape[0]):
+        row_values = values[r]
+        row_codes = codes[r]
+        acc = np.float32(0.0)
+        for g in range(groups):
+            acc += _group_dot_n3(row_values, row_codes, g, x0[g], x1[g], x2[g], x3[g])
+        y[r] = acc + bias[r] if bias.shape[0] else acc
 
 
 @numba.njit(_DECODE_SIGNATURE, parallel=True, fastmath=SUM_FASTMATH, cache=True)
 def matvec_dense(values, codes, x, x_by_position, bias, y):
-    """Dense GEMV ``y = W x + bias`` with the Cn4 kernels' row blocks; ignores codes and scratch."""
-    rows, columns = values.shape
-    for block in numba.prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
-        first_row = block * ROW_BLOCK
-        if first_row + ROW_BLOCK <= rows:
-            values0 = values[first_row]
-            values1 = values[first_row + 1]
-            values2 = values[first_row + 2]
-            values3 = values[first_row + 3]
-            acc0 = np.float32(0.0)
-            acc1 = np.float32(0.0)
-            acc2 = np.float32(0.0)
-            acc3 = np.float32(0.0)
-            for i in range(columns):
-                a = x[i]
-                acc0 += values0[i] * a
-                acc1 += values1[i] * a
-                acc2 += values2[i] * a
-                acc3 += values3[i] * a
-            _store_rows(y, bias, first_row, acc0, acc1, acc2, acc3)
-        else:
-            for r in range(first_row, rows):
-                acc = np.float32(0.0)
-                for i in range(columns):
-                    acc += values[r, i] * x[i]
-                y[r] = acc + bias[r] if bias.shape[0] else acc
+    """Dense GEMV ``y = W x + bias`` with the Cn4 kernels' loops; ignores codes and scratch."""
+    columns = values.shape[1]
+    for r in numba.prange(values.shape[0]):
+        row_values = values[r]
+        acc = np.float32(0.0)
+        for i in range(columns):
+            acc += row_values[i] * x[i]
+        y[r] = acc + bias[r] if bias.shape[0] else acc
 
 
 # Decode kernel by level; level 0 is the dense kernel.
