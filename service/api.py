@@ -220,6 +220,15 @@ def create_app(
         # Remaining cn4 errors are bad input: a checkpoint, measurement file or prediction.
         return _rejected(request, 422, str(exc))
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse(
+            status_code=500,
+            content={"detail": f"internal error while handling {request.method} {request.url.path} "
+                     f"({type(exc).__name__}: {exc}); the server log has the traceback"},
+        )
+
     @app.get("/healthz", response_model=Health, tags=["health"])
     def health(engine: EngineDep) -> Any:
         return {

@@ -1,6 +1,8 @@
-"""Fixtures of the service tests: a fresh database per test module on SQLite and PostgreSQL,
-settings with short leases, a real uvicorn server on loopback, and a tiny checkpoint with a
-measurement file so that jobs run without probing this machine."""
+"""Fixtures of the service tests.
+
+Each test module gets a fresh database on SQLite and on PostgreSQL, settings with short leases
+and a real uvicorn server on loopback. A tiny checkpoint with a measurement file lets jobs run
+without probing this machine."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import uvicorn
 
 
 def _root_conftest():
-    """The repository's tests/conftest.py, which holds ``write_tiny_checkpoint``."""
+    """The repository's tests/conftest.py, which contains ``write_tiny_checkpoint``."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "conftest.py"

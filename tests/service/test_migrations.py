@@ -1,4 +1,4 @@
-"""Alembic migrations on a database that holds data: every step down and up keeps every row."""
+"""Alembic migrations on a database that contains data: every step down and up keeps every row."""
 
 from __future__ import annotations
 
