@@ -93,12 +93,12 @@ def _locked(directory: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _cached_levels(directory: Path) -> set[int] | None:
+def _cached_levels(directory: Path, clock: str) -> set[int] | None:
     try:
         info = json.loads((directory / PROBE_INFO_NAME).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if info.get("tool_version") != TOOL_VERSION:
+    if info.get("tool_version") != TOOL_VERSION or info.get("clock", "wall") != clock:
         return None
     return {int(level) for level in info.get("levels", [])}
 
@@ -110,20 +110,22 @@ def local_cost_model(
     refresh: bool = False,
     configs: int = DEFAULT_CONFIGS,
     repeats: int = DEFAULT_REPEATS,
+    clock: str = "wall",
     progress: bool = False,
 ) -> CostModel:
     """Return this machine's cost model for ``loaded_model``, probing and fitting it when needed.
 
     A cached model is reused when it was probed by this cn4 version at every requested level
     (level 0 is always probed). Otherwise, or with ``refresh``, the model is probed at
-    ``levels`` (merged with the cached levels), fitted and saved. ``configs`` and ``repeats``
-    are passed to :func:`latency_models.probe.probe_model`.
+    ``levels`` (merged with the cached levels), fitted and saved. ``configs``, ``repeats`` and
+    ``clock`` are passed to :func:`latency_models.probe.probe_model`. A cache probed with
+    another clock is probed again.
     """
     requested = {int(level) for level in levels} | {0}
     device = local_device_name()
     directory = local_cache_dir(loaded_model, device=device)
     with _locked(directory):
-        cached = _cached_levels(directory)
+        cached = _cached_levels(directory, clock)
         model_path = directory / COST_MODEL_NAME
         if not refresh and cached is not None and requested <= cached and model_path.exists():
             logger.debug("using the cached cost model %s", model_path)
@@ -140,6 +142,7 @@ def local_cost_model(
             levels=probe_levels,
             configs=configs,
             repeats=repeats,
+            clock=clock,
             progress=progress,
         )
         write_measurements(result.records, directory / MEASUREMENTS_NAME)
@@ -152,6 +155,7 @@ def local_cost_model(
             "levels": probe_levels,
             "configs": configs,
             "repeats": repeats,
+            "clock": clock,
             "probe_seconds": round(result.seconds, 2),
         }
         (directory / PROBE_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")

@@ -76,3 +76,14 @@ def test_local_cost_model_probes_new_levels(tiny_mamba_dir):
     stamp = measurements.stat().st_mtime_ns
     local_cost_model(loaded, levels=(1,), refresh=True, **SMALL_PROBE)
     assert measurements.stat().st_mtime_ns != stamp
+
+
+def test_local_cost_model_clock_change(tiny_mamba2_dir):
+    loaded = load_checkpoint(tiny_mamba2_dir)
+    local_cost_model(loaded, levels=(1,), **SMALL_PROBE)
+    measurements = local_cache_dir(loaded) / MEASUREMENTS_NAME
+    stamp = measurements.stat().st_mtime_ns
+
+    model = local_cost_model(loaded, levels=(1,), clock="thread", **SMALL_PROBE)
+    assert measurements.stat().st_mtime_ns != stamp
+    assert model.backend == "numba-cn4/thread-time"
