@@ -231,9 +231,11 @@ def prune_obs_levels(
         exact = stacked.shape[0] * kept_columns**3 / 3 <= EXACT_RECONSTRUCT_MAX_COST
     if exact:
         pruned = obs_reconstruct(stacked, mask, damped)
+    # Checked after the cast, because a finite float64 can overflow float32.
+    pruned = pruned.to(weight.dtype)
 
     if not torch.isfinite(pruned).all():
-        note = "the OBS sweep produced non-finite weights, so this layer fell back to magnitude"
+        note = "the OBS update produced non-finite weights, so this layer fell back to magnitude"
         logger.warning("OBS: %s", note)
         return _fill_fallback(results, weight, levels, note)
 
@@ -247,7 +249,7 @@ def prune_obs_levels(
     for chunk, i in enumerate(sparse):
         part = slice(chunk * rows, (chunk + 1) * rows)
         results[i] = PruneResult(
-            weight=pruned[part].to(weight.dtype),
+            weight=pruned[part].clone(),
             mask=mask[part].clone(),
             method="obs",
             damping=used_damping,

@@ -304,3 +304,15 @@ def test_nonfinite_weight_rejected():
     weight[1, 2] = float("nan")
     with pytest.raises(PruningError, match="NaN"):
         prune_magnitude(weight, 1)
+
+
+def test_obs_overflowing_update_falls_back():
+    # Strongly correlated inputs move each pruned weight onto its neighbours, past float32's max.
+    hessian = torch.full((8, 8), 1.0, dtype=torch.float64) + 1e-3 * torch.eye(8, dtype=torch.float64)
+    weight = torch.full((2, 8), 3e38)
+    result = prune_obs(weight, 2, LayerStats(hessian=hessian, tokens=8), exact=False)
+
+    assert result.method == "magnitude"
+    assert result.note is not None and "non-finite" in result.note
+    assert torch.isfinite(result.weight).all()
+    assert count_cn4_violations(result.weight, 2) == 0
