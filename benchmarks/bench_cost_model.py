@@ -25,6 +25,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 
@@ -44,6 +45,41 @@ def build_130m_shaped(layers: int) -> torch.nn.Module:
         tie_word_embeddings=True,
     )
     return MambaForCausalLM(config).eval()
+
+
+def compare_transformers(loaded, *, steps: int = 40, warmup: int = 5) -> dict:
+    """Time dense decode steps of transformers and of the engine with this thread's CPU time.
+
+    Both run on one thread (torch and numba), after the same 4-token prompt.
+    """
+    from latency_models.engine import DecodeEngine
+
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    model = loaded.model
+    prompt = [5, 17, 33, 2]
+    token = 7
+    transformers_ms = []
+    with torch.no_grad():
+        output = model(torch.tensor([prompt]), use_cache=True)
+        cache = output.cache
+        for _ in range(steps):
+            start = time.thread_time()
+            output = model(torch.tensor([[token]]), cache=cache, use_cache=True)
+            transformers_ms.append((time.thread_time() - start) * 1e3)
+            cache = output.cache
+    engine = DecodeEngine(model, {})
+    engine.prefill(prompt)
+    engine_ms = []
+    for _ in range(steps):
+        start = time.thread_time()
+        engine.step(token)
+        engine_ms.append((time.thread_time() - start) * 1e3)
+    return {
+        "transformers_ms": float(np.median(transformers_ms[warmup:])),
+        "engine_ms": float(np.median(engine_ms[warmup:])),
+        "steps": steps - warmup,
+    }
 
 
 def evaluate(name: str, loaded_or_model, args: argparse.Namespace, device: str) -> dict:
@@ -110,9 +146,20 @@ def main() -> int:
         choices=("wall", "thread"),
         help="wall time, or this thread's CPU time (needs NUMBA_NUM_THREADS=1)",
     )
+    parser.add_argument(
+        "--compare-transformers",
+        action="store_true",
+        help="only time dense decode of the embedded model in transformers and in the engine",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+
+    if args.compare_transformers:
+        from search.models import load_checkpoint
+
+        print(json.dumps(compare_transformers(load_checkpoint("default"))))
+        return 0
 
     device = local_device_name()
     results = []
