@@ -21,7 +21,13 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from latency_models.probe import DEFAULT_CONFIGS, DEFAULT_REPEATS, DEFAULT_SEED, DEFAULT_WARMUP
+    from latency_models.probe import (
+        CALLS_PER_SAMPLE,
+        DEFAULT_CONFIGS,
+        DEFAULT_REPEATS,
+        DEFAULT_SEED,
+        DEFAULT_WARMUP,
+    )
 
     parser = subparsers.add_parser(
         "probe",
@@ -72,7 +78,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=DEFAULT_REPEATS,
         metavar="R",
-        help=f"timed repeats per case (default: {DEFAULT_REPEATS})",
+        help=(
+            f"timed repeats per case (default: {DEFAULT_REPEATS}); a Linear case times "
+            f"{CALLS_PER_SAMPLE} single calls per repeat, a model case one decode step"
+        ),
     )
     parser.add_argument(
         "--warmup",
