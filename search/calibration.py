@@ -2,7 +2,7 @@
 
 Each named Linear gets a forward pre-hook that adds ``x x^T`` of every input token to a float64
 accumulator. All statistics come from the dense model in a single pass: a layer's inputs are
-those it sees while every earlier layer is still dense, not after the earlier layers were
+those it receives while every earlier layer is still dense, not after the earlier layers were
 pruned. This is what lets each (layer, level) variant be pruned once and combined freely in any
 level map, at the cost of ignoring how pruning one layer shifts the inputs of the next (SparseGPT
 instead prunes layer by layer on the pruned model's inputs).
@@ -58,7 +58,7 @@ def collect_layer_stats(
 ) -> dict[str, LayerStats]:
     """Run ``model`` once over ``windows`` and return the input statistics of each named Linear.
 
-    ``windows`` is a LongTensor ``[count, length]`` of token ids; each Linear sees
+    ``windows`` is a LongTensor ``[count, length]`` of token ids; each Linear receives
     ``count * length`` input vectors. The hooks are removed when the pass ends, also on error.
     """
     if windows.dim() != 2 or windows.numel() == 0:

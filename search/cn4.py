@@ -52,7 +52,7 @@ _RECONSTRUCT_CHUNK_BYTES = 256 * 2**20
 # Layers whose exact reconstruction costs at most this many multiply-adds (rows x kept^3 / 3)
 # get it after the sweep by default. The sweep freezes each column once visited, so on small
 # layers with strongly correlated inputs the exact solve for the same mask can cut the output
-# error several times over; on large layers its cost grows with the cube of in_features.
+# error several times over. On large layers its cost, cubic in in_features, is too high.
 EXACT_RECONSTRUCT_MAX_COST = 2e8
 
 

@@ -222,7 +222,7 @@ class VariantCache:
         """Prune and store every missing variant of ``layers`` x ``levels`` (level 0 skipped).
 
         ``layers`` contains module paths or report entries with a ``name``. ``stats`` maps layer
-        names to calibration statistics; it may be None when nothing is missing or the method
+        names to calibration statistics. It may be None when nothing is missing or the method
         is ``magnitude``, so callers can skip the calibration pass for a warm cache.
         ``progress(done, total)`` is called after each layer with counts of variants.
         """
