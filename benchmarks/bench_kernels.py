@@ -7,7 +7,7 @@ its weight from memory as a decode step would. Columns: PyTorch's
 in microseconds (median, p10, p90) and in GB/s of bytes actually moved (float32 values, one
 code byte per group of 4, x and y). Beside each Cn4 column: its speedup over the dense kernel
 and the byte-ratio bound (dense bytes over Cn4 bytes), which a memory-bound kernel would reach.
-The machine's read bandwidth is measured with a numba parallel sum over a large array.
+The machine's read bandwidth is measured the same way, with numba parallel sums over cold blocks.
 
     .venv/bin/python benchmarks/bench_kernels.py --threads 2
 
@@ -43,6 +43,8 @@ SHAPES = {
     "out_proj": (768, 1536),
 }
 LEVELS = (1, 2, 3)
+# Bytes per timed call of the read-bandwidth sum: a few GEMVs' worth.
+BANDWIDTH_BLOCK_BYTES = 8 * 2**20
 # Used when neither sysfs nor lscpu reports a last-level cache.
 FALLBACK_CACHE_BYTES = 32 * 2**20
 
@@ -102,32 +104,40 @@ def cpu_model_name() -> str:
     return match.group(1).strip() if match else "unknown"
 
 
-@numba.njit(parallel=True, fastmath={"reassoc"}, cache=True)
+@numba.njit(fastmath={"reassoc"}, cache=True)
+def _sum(part):
+    acc = np.float32(0.0)
+    for i in range(part.shape[0]):
+        acc += part[i]
+    return acc
+
+
+@numba.njit(parallel=True, cache=True)
 def _parallel_sum(array, chunks):
     size = array.shape[0]
     partial = np.zeros(chunks, dtype=np.float32)
     for chunk in numba.prange(chunks):
-        # A slice and range(len) give numba a loop index known to be non-negative; with
-        # range(start, stop) the loop stayed scalar, at a tenth of the speed.
-        part = array[chunk * size // chunks : (chunk + 1) * size // chunks]
-        acc = np.float32(0.0)
-        for i in range(part.shape[0]):
-            acc += part[i]
-        partial[chunk] = acc
+        partial[chunk] = _sum(array[chunk * size // chunks : (chunk + 1) * size // chunks])
     return partial.sum()
 
 
-def measure_read_bandwidth(size_bytes: int, repeats: int) -> Timing:
-    """Time a parallel float32 sum over ``size_bytes`` of memory (one chunk per thread)."""
-    array = np.ones(size_bytes // 4, dtype=np.float32)
+def measure_read_bandwidth(size_bytes: int, block_bytes: int, repeats: int) -> Timing:
+    """Time parallel float32 sums over blocks of a ``size_bytes`` array, one block per call.
+
+    Calls rotate through the blocks, so each reads cold memory, and each is as short as a
+    GEMV: a sum over the whole array lasts long enough that background load nearly always
+    deschedules one of the threads, which then holds up the other.
+    """
+    blocks = np.ones(size_bytes // 4, dtype=np.float32).reshape(-1, block_bytes // 4)
     chunks = numba.get_num_threads()
-    _parallel_sum(array, chunks)
+    for block in blocks:
+        _parallel_sum(block, chunks)
     times = []
-    for _ in range(repeats):
+    for i in range(repeats):
         start = time.perf_counter_ns()
-        _parallel_sum(array, chunks)
+        _parallel_sum(blocks[i % len(blocks)], chunks)
         times.append((time.perf_counter_ns() - start) / 1e3)
-    return _timing(times, array.nbytes)
+    return _timing(times, block_bytes)
 
 
 def _timing(times_us: list[float], bytes_moved: int) -> Timing:
@@ -225,8 +235,8 @@ def format_report(
         f"Load average (1, 5, 15 min) before: {_load(load_before)}, after: {_load(load_after)}.",
         f"Cold weights: columns called in turn, each rotating through copies totalling at least {cold_multiple}x "
         f"the {cache_bytes >> 20} MiB last-level cache; {repeats} timed calls after one warm-up "
-        f"pass. Read bandwidth (numba parallel float32 sum over {bandwidth.bytes_moved >> 20} MiB,"
-        f" {threads} threads): median {bandwidth.gb_per_s:.1f} GB/s, p10-p90 "
+        f"pass. Read bandwidth (numba parallel float32 sums over cold {bandwidth.bytes_moved >> 20} "
+        f"MiB blocks, {threads} threads): median {bandwidth.gb_per_s:.1f} GB/s, p10-p90 "
         f"{bandwidth.bytes_moved / bandwidth.p90_us / 1e3:.1f}-"
         f"{bandwidth.bytes_moved / bandwidth.p10_us / 1e3:.1f} GB/s.",
         "",
@@ -310,7 +320,9 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     load_before = os.getloadavg()
 
-    bandwidth = measure_read_bandwidth(args.bandwidth_mib * 2**20, repeats=20)
+    bandwidth = measure_read_bandwidth(
+        args.bandwidth_mib * 2**20, block_bytes=BANDWIDTH_BLOCK_BYTES, repeats=args.repeats
+    )
     results = {}
     for name, shape in SHAPES.items():
         results[name] = bench_shape(shape, cold_bytes, args.repeats, rng)
