@@ -21,7 +21,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from latency_models.probe import (
+    from latency_models.probe_settings import (
         CALLS_PER_SAMPLE,
         DEFAULT_CONFIGS,
         DEFAULT_REPEATS,

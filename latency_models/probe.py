@@ -41,17 +41,20 @@ import numpy as np
 from latency_models import kernels
 from latency_models.engine import DecodeEngine, zero_smallest_per_group
 from latency_models.measurements import Measurement
+from latency_models.probe_settings import (
+    BACKEND,
+    CALLS_PER_SAMPLE,
+    DEFAULT_CONFIGS,
+    DEFAULT_LEVELS,
+    DEFAULT_REPEATS,
+    DEFAULT_SEED,
+    DEFAULT_WARMUP,
+    TOOL_VERSION,
+)
 from search.errors import MeasurementError
 
 logger = logging.getLogger(__name__)
 
-BACKEND = "numba-cn4"
-TOOL_VERSION = "cn4 0.1.0"
-DEFAULT_LEVELS = (0, 1, 2, 3)
-DEFAULT_CONFIGS = 20
-DEFAULT_REPEATS = 30
-DEFAULT_WARMUP = 3
-DEFAULT_SEED = 0
 
 # Used when /sys does not report the cache sizes: larger than the last-level cache of common
 # desktop and server CPUs per socket.
@@ -59,9 +62,6 @@ FALLBACK_CACHE_BYTES = 64 << 20
 # The rotated copies of one layer add up to this multiple of the largest cache, so that each
 # call finds its weights evicted.
 ROTATION_CACHE_MULTIPLE = 2
-# Layer calls timed per repeat. Each is timed on its own, so that a call delayed by the
-# scheduler is one outlier the median drops rather than part of every sample.
-CALLS_PER_SAMPLE = 8
 # Decode steps fed before the timed steps of a model measurement, so that the conv windows and
 # recurrent states hold realistic values.
 PRIME_TOKENS = 4

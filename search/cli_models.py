@@ -6,7 +6,8 @@ import argparse
 import json
 from dataclasses import asdict
 
-from search.models import DEFAULT_MODEL_NAME, format_layer_report, layer_report, load_checkpoint
+# search.models imports torch: load it only when the command runs, so `cn4 --help` stays fast.
+DEFAULT_MODEL_NAME = "default"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -33,6 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_layers(args: argparse.Namespace) -> int:
+    from search.models import format_layer_report, layer_report, load_checkpoint
+
     loaded = load_checkpoint(args.model)
     report = layer_report(loaded.model)
     if args.json:
