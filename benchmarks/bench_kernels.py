@@ -45,6 +45,9 @@ SHAPES = {
 LEVELS = (1, 2, 3)
 # Bytes per timed call of the read-bandwidth sum: a few GEMVs' worth.
 BANDWIDTH_BLOCK_BYTES = 8 * 2**20
+# Pause after the PyTorch column so its OpenMP threads stop spinning before numba's run; GNU
+# OpenMP spins for well under a second by default.
+OPENMP_SETTLE_SECONDS = 1.0
 # Used when neither sysfs nor lscpu reports a last-level cache.
 FALLBACK_CACHE_BYTES = 32 * 2**20
 
@@ -194,7 +197,7 @@ def bench_shape(
     copies = copies_for(dense.nbytes, cold_bytes)
     x_tensor = torch.from_numpy(x)
     tensors = [torch.from_numpy(dense.copy()) for _ in range(copies)]
-    columns["torch"] = (torch.nn.functional.linear, [(x_tensor, w) for w in tensors])
+    torch_column = {"torch": (torch.nn.functional.linear, [(x_tensor, w) for w in tensors])}
     bytes_moved["torch"] = dense.nbytes + vector_bytes
     y = np.empty(out_features, dtype=np.float32)
     arguments = [(dense.copy(), no_codes, x, scratch, no_bias, y) for _ in range(copies)]
@@ -211,9 +214,14 @@ def bench_shape(
         columns[f"n{n}"] = (MATVEC_KERNELS[n], arguments)
         bytes_moved[f"n{n}"] = packed.nbytes + vector_bytes
 
-    times = _time_round_robin(columns, repeats)
+    # PyTorch runs on its own OpenMP thread pool, whose threads keep spinning for a while after
+    # each call and would steal the cores from numba's threads if the columns alternated.
+    times = _time_round_robin(torch_column, repeats)
+    del torch_column, tensors
+    time.sleep(OPENMP_SETTLE_SECONDS)
+    times.update(_time_round_robin(columns, repeats))
     logger.info("timed %s", shape)
-    return {key: _timing(times[key], bytes_moved[key]) for key in columns}
+    return {key: _timing(times[key], bytes_moved[key]) for key in times}
 
 
 def format_report(
@@ -233,7 +241,7 @@ def format_report(
         f"({threads} threads), torch {torch.__version__} ({torch.get_num_threads()} threads).",
         f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. Command: `{command}`.",
         f"Load average (1, 5, 15 min) before: {_load(load_before)}, after: {_load(load_after)}.",
-        f"Cold weights: columns called in turn, each rotating through copies totalling at least {cold_multiple}x "
+        f"Cold weights: torch alone first, then the numba columns called in turn, each rotating through copies totalling at least {cold_multiple}x "
         f"the {cache_bytes >> 20} MiB last-level cache; {repeats} timed calls after one warm-up "
         f"pass. Read bandwidth (numba parallel float32 sums over cold {bandwidth.bytes_moved >> 20} "
         f"MiB blocks, {threads} threads): median {bandwidth.gb_per_s:.1f} GB/s, p10-p90 "
