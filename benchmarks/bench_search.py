@@ -1,8 +1,8 @@
 """Search against baselines: held-out perplexity of the search's best and of each baseline.
 
-For each budget (a share of the dense model's predicted latency) one search runs, and its report
-gives the held-out perplexity of the dense model, the search's best, every uniform level that
-fits, the greedy allocation and the OWL-style allocation, all measured on the same held-out
+One search runs for each budget, a share of the dense model's predicted latency. Its report gives
+the held-out perplexity of the dense model, the search's best, every uniform level that fits,
+the greedy allocation and the OWL-style allocation. All are measured on the same held-out
 evaluation windows. The goal to report against: the search at least as good as every baseline
 at every budget, and cutting the perplexity increase of the best uniform level by 10% or more.
 

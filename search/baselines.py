@@ -208,3 +208,47 @@ def owl_allocation(
             return level_map
         centre += OWL_CENTRE_STEP
     return None
+
+
+def swap_neighbours(
+    level_map: Mapping[str, int],
+    table: LatencyTable,
+    levels: Sequence[int],
+    losses: Mapping[str, Mapping[int, float]],
+    budget: Budget,
+    sparsity_target: float | None,
+) -> list[dict[str, int]]:
+    """Return the configurations one move from ``level_map`` that fit, most promising first.
+
+    A move lowers one layer to its next lower allowed level, alone or while raising another
+    layer to its next higher allowed level. Moves are ranked by the summed change of the
+    single-layer losses, a cheap estimate; the search measures them end to end.
+    """
+    allowed = sorted(levels)
+
+    def step(level: int, direction: int) -> int | None:
+        index = allowed.index(level) + direction if level in allowed else -1
+        return allowed[index] if 0 <= index < len(allowed) else None
+
+    def change(name: str, new: int) -> float:
+        row = losses[name]
+        return row.get(new, math.inf) - row.get(level_map[name], math.inf)
+
+    ranked = []
+    for lowered, level in level_map.items():
+        down = step(level, -1)
+        if down is None:
+            continue
+        moves = [({lowered: down}, change(lowered, down))]
+        for raised, other in level_map.items():
+            up = step(other, +1)
+            if raised != lowered and up is not None:
+                moves.append(
+                    ({lowered: down, raised: up}, change(lowered, down) + change(raised, up))
+                )
+        for move, estimate in moves:
+            candidate = {**level_map, **move}
+            if math.isfinite(estimate) and fits(candidate, table, budget, sparsity_target):
+                ranked.append((estimate, sorted(move.items()), candidate))
+    ranked.sort(key=lambda item: (item[0], item[1]))
+    return [candidate for _, _, candidate in ranked]

@@ -33,6 +33,7 @@ from search.baselines import (
     outlier_ratios,
     owl_allocation,
     single_layer_losses,
+    swap_neighbours,
     uniform_allocations,
 )
 from search.budget import (
@@ -56,6 +57,8 @@ FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 COUNTED_STATES = (*FINISHED_STATES, TrialState.RUNNING)
 # TPE's random start-up trials; the enqueued baselines count among them.
 TPE_STARTUP_TRIALS = 10
+# Neighbours of each new best configuration enqueued for measurement.
+NEIGHBOURS_PER_BEST = 3
 
 
 @dataclass
@@ -398,6 +401,7 @@ def run_trials(
     total = context.spec.trials
     done = counted_trials(study)
     bar = _progress_bar(total, done, enabled=progress, desc="search", unit="trial")
+    best = None
     try:
         while counted_trials(study) < total:
             if should_stop is not None and should_stop():
@@ -409,6 +413,9 @@ def run_trials(
                 for layer in context.layers
             }
             record = evaluate_trial(study, trial, level_map, context)
+            if record["feasible"] and (best is None or record["quality"] < best):
+                best = record["quality"]
+                enqueue_neighbours(study, record, context)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(_progress_text(study, context), refresh=False)
@@ -476,6 +483,33 @@ def enqueue_repair(
     if repaired is None or repaired == level_map or in_study(study, repaired):
         return
     study.enqueue_trial(repaired, user_attrs={"seed_name": f"repair-{number}"}, skip_if_exists=True)
+
+
+def enqueue_neighbours(study: optuna.Study, record: dict, context: SearchContext) -> None:
+    """Enqueue the most promising one-move neighbours of a new best configuration.
+
+    TPE samples each layer's level from per-layer densities and rarely proposes the exact
+    trade of one layer's level against another's that improves a good configuration, so
+    these trades are measured directly.
+    """
+    if context.losses is None:
+        return
+    spec = context.spec
+    neighbours = swap_neighbours(
+        record["levels"], context.table, spec.levels, context.losses, context.budget,
+        spec.sparsity_target,
+    )
+    added = 0
+    for level_map in neighbours:
+        if added == NEIGHBOURS_PER_BEST:
+            break
+        if in_study(study, level_map):
+            continue
+        study.enqueue_trial(
+            level_map, user_attrs={"seed_name": f"neighbour-{record['number']}"},
+            skip_if_exists=True,
+        )
+        added += 1
 
 
 def in_study(study: optuna.Study, level_map: Mapping[str, int]) -> bool:

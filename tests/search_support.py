@@ -25,7 +25,7 @@ def write_device_file(
 ) -> Path:
     """Write linear records for every eligible shape and level, and a remainder record.
 
-    ``skip`` holds ``(out_features, in_features, level)`` cases to leave unmeasured.
+    ``skip`` lists ``(out_features, in_features, level)`` cases to leave unmeasured.
     """
     shapes = sorted({(i.out_features, i.in_features) for i in eligible_layers(loaded.model)})
     records = []

@@ -49,7 +49,8 @@ def test_search_writes_report_and_model(tiny_mamba_dir, device_file, tmp_path, c
     ])
     assert status == 0
     printed = capsys.readouterr().out
-    assert "zeros /" in printed and "kept" in printed
+    assert "zeros /" in printed
+    assert "kept" in printed
     assert (out / "summary.txt").read_text() in printed
 
     report = json.loads((out / "report.json").read_text())
@@ -62,7 +63,8 @@ def test_search_writes_report_and_model(tiny_mamba_dir, device_file, tmp_path, c
     assert len(report["trials"]) == 6
     quality = report["quality"]
     assert {"dense", "best", "baselines"} <= set(quality)
-    assert math.isfinite(quality["dense"]) and math.isfinite(quality["best"])
+    assert math.isfinite(quality["dense"])
+    assert math.isfinite(quality["best"])
     assert set(quality["baselines"]) >= {"greedy"}
 
     loaded, levels = load_pruned(out / "model")

@@ -10,7 +10,12 @@ import optuna
 import pytest
 from search_support import predicted_ms, write_device_file
 
-from search.baselines import greedy_allocation, owl_allocation, uniform_allocations
+from search.baselines import (
+    greedy_allocation,
+    owl_allocation,
+    swap_neighbours,
+    uniform_allocations,
+)
 from search.budget import Budget, LatencyTable, resolve_budget, sparsity
 from search.errors import BudgetError
 from search.models import eligible_layers, load_checkpoint
@@ -154,6 +159,26 @@ def test_owl_gives_more_zeros_to_fewer_outliers(loaded, device_file):
     assert owl[names[0]] == 3
 
 
+def test_swap_neighbours_fit_and_rank_by_loss(loaded, device_file):
+    table = table_for(loaded, device_file)
+    names = [layer.name for layer in table.layers]
+    largest = max(table.layers, key=lambda layer: layer.weights).name
+    start = {name: 2 for name in names}
+    # No slack: lowering a layer alone does not fit, a trade against the largest layer does.
+    budget = Budget(ms=table.predict(start), source="budget_ms", ratio=None)
+    losses = {name: {0: 0.0, 1: 1.0, 2: 2.0, 3: 4.0} for name in names}
+    losses[largest] = {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}
+    neighbours = swap_neighbours(start, table, (1, 2, 3), losses, budget, None)
+    assert neighbours
+    for candidate in neighbours:
+        assert table.predict(candidate) <= budget.ms
+        changed = {name for name in names if candidate[name] != start[name]}
+        assert len(changed) == 2
+    first = neighbours[0]
+    assert first[largest] == 3
+    assert sum(1 for name in names if first[name] == 1) == 1
+
+
 # The study
 
 
@@ -186,7 +211,8 @@ def test_constraints_split_feasible_and_infeasible(context):
             assert record["state"] == "COMPLETE"
             assert record["feasible"] is True
             assert record["constraints"]["latency_ms_over_budget"] <= 0
-            assert math.isfinite(record["quality"]) and record["quality"] >= 0
+            assert math.isfinite(record["quality"])
+            assert record["quality"] >= 0
         assert record["sparsity"] == pytest.approx(sparsity(context.layers, record["levels"]))
 
 
@@ -203,7 +229,7 @@ def test_nan_quality_fails_trial_and_study_goes_on(context):
     assert "nan" in record["reason"]
 
     run_trials(study, context, on_trial=None, should_stop=None, progress=False)
-    states = [frozen.state for frozen in study.get_trials(deepcopy=False)]
+    states = [frozen.state for frozen in study.get_trials(deepcopy=False, states=FINISHED_STATES)]
     assert states[0] == optuna.trial.TrialState.FAIL
     assert len(states) == context.spec.trials
     assert states.count(optuna.trial.TrialState.COMPLETE) >= 1
@@ -328,7 +354,7 @@ def test_shared_storage_continues_one_study(context, tmp_path):
     records = []
     run_trials(joined, second, on_trial=records.append, should_stop=None, progress=False)
 
-    trials = joined.get_trials(deepcopy=False)
+    trials = joined.get_trials(deepcopy=False, states=FINISHED_STATES)
     assert len(records) == 3
     assert len(trials) == 7
     seed_names = [t.user_attrs.get("seed_name") for t in trials]
