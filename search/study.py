@@ -5,13 +5,16 @@ configuration is first predicted by the device's cost model. A configuration ove
 budget (or under the sparsity target) is infeasible and is reported to the study as PRUNED
 without being measured, because its quality cannot make it the winner. A feasible one is
 assembled from the variant cache and its quality measured end to end (KL to the dense model on
-calibration windows, or perplexity), which is the value the study minimises. Constraints go through ``trial.set_constraint``, so the TPE
-sampler steers towards feasible configurations (Optuna 5.1: feasible when every value is <= 0).
+calibration windows, or perplexity), which is the value the study minimises. Constraints go
+through ``trial.set_constraint``, so the TPE sampler steers towards feasible configurations
+(Optuna 5.1: feasible when every value is <= 0).
 
 The baselines (every fitting uniform level, a greedy and an OWL-style allocation; see
 :mod:`search.baselines`) are enqueued as the first trials, so the best feasible trial is at
-least as good as each of them on the objective. After the search, the winner, the dense model
-and the baselines are scored on held-out evaluation windows for the report.
+least as good as each of them on the objective (unless ``spec.trials`` is smaller than their
+count). An infeasible proposal is followed by its greedy repair, and each new best by its most
+promising one-move neighbours. After the search, the winner, the dense model and the baselines
+are scored on held-out evaluation windows for the report.
 """
 
 from __future__ import annotations
