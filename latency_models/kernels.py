@@ -14,9 +14,9 @@ threads, so ``numba.set_num_threads`` limits them) and writing into arrays the c
   loads. Each kept value then picks its candidate with register blends on the keep mask and
   costs one multiply-add; a gather ``x[4g + position]`` would not vectorise. Each thread walks
   whole rows in order, so the weights stream from memory sequentially.
-- prefill ``Y = X Wᵀ`` (many tokens): for each kept value the whole tile of tokens is updated
-  from ``X`` transposed to [in, tokens], so the innermost loop runs over contiguous tokens and
-  each group costs 4-n multiply-adds per token.
+- prefill ``Y = X Wᵀ`` (many tokens): each thread takes whole rows and computes every token's
+  dot product with the decode kernels' inner loop while the row sits in L1, so the weights
+  are read from memory once.
 
 The dense kernels share each loop structure and threading, without codes, so they are the fair
 baseline for the Cn4 ones. Sums use ``fastmath`` reassociation and contraction only (no
@@ -43,16 +43,14 @@ LEVELS = (0, 1, 2, 3)
 # No nnan/ninf flags, so NaN and infinity in inputs propagate as in a plain product.
 SUM_FASTMATH = {"reassoc", "contract"}
 
-# Tokens per tile in the prefill kernels: 32 float32 accumulators are two AVX-512 registers.
-TOKEN_TILE = 32
-
 _DECODE_SIGNATURE = (
     "void(float32[:, ::1], uint8[:, ::1], float32[::1], float32[:, ::1], float32[::1], "
     "float32[::1])"
 )
 _PREFILL_SIGNATURE = (
-    "void(float32[:, ::1], uint8[:, ::1], int64, float32[:, ::1], float32[::1], float32[:, ::1])"
+    "void(float32[:, ::1], uint8[:, ::1], float32[:, :, ::1], float32[::1], float32[:, ::1])"
 )
+_DENSE_PREFILL_SIGNATURE = "void(float32[:, ::1], float32[:, ::1], float32[::1], float32[:, ::1])"
 
 
 @dataclass
@@ -337,61 +335,90 @@ MATVEC_KERNELS = {0: matvec_dense, 1: matvec_n1, 2: matvec_n2, 3: matvec_n3}
 
 
 # ---------------------------------------------------------------------------------------------
-# Prefill kernels: Y[t, r] = sum over input columns of X[t, i] * W[r, i], plus bias[r].
-# Shared signature: (values, codes, kept, x_transposed [in, tokens], bias, Y [tokens, out]).
-
-# Kept positions of each keep mask in increasing order; row m lists the set bits of m.
-_KEPT_POSITIONS = np.array(
-    [[p for p in range(GROUP_SIZE) if mask >> p & 1] + [0] * (GROUP_SIZE - bin(mask).count("1"))
-     for mask in range(16)],
-    dtype=np.int64,
-)
+# Prefill kernels: out[t, r] = sum over input columns of X[t, i] * W[r, i], plus bias[r].
+# Cn4 signature: (values, codes, x_by_position [tokens, 4, groups], bias, out [tokens, out]).
+# Each thread takes whole rows and runs every token's dot product while the row is in L1, so
+# the weights are read from memory once and the loop over groups vectorises as in decode.
 
 
 @numba.njit(_PREFILL_SIGNATURE, parallel=True, fastmath=SUM_FASTMATH, cache=True)
-def matmul_cn4(values, codes, kept, x_transposed, bias, out):
-    """Cn4 GEMM ``out = X Wᵀ + bias`` for ``kept`` = 4-n values per group (n = 1..3)."""
-    out_features = values.shape[0]
-    groups = codes.shape[1]
-    tokens = x_transposed.shape[1]
-    has_bias = bias.shape[0] != 0
-    kept_positions = _KEPT_POSITIONS
-    for r in numba.prange(out_features):
-        acc = np.empty(TOKEN_TILE, dtype=np.float32)
-        for start in range(0, tokens, TOKEN_TILE):
-            width = min(TOKEN_TILE, tokens - start)
-            acc[:] = 0.0
+def matmul_n1(values, codes, x_by_position, bias, out):
+    """Cn4 GEMM at level 1: ``out = X Wᵀ + bias``."""
+    tokens = x_by_position.shape[0]
+    groups = x_by_position.shape[2]
+    for r in numba.prange(values.shape[0]):
+        row_values = values[r]
+        row_codes = codes[r]
+        offset = bias[r] if bias.shape[0] else np.float32(0.0)
+        for t in range(tokens):
+            x0 = x_by_position[t, 0]
+            x1 = x_by_position[t, 1]
+            x2 = x_by_position[t, 2]
+            x3 = x_by_position[t, 3]
+            acc = np.float32(0.0)
             for g in range(groups):
-                mask = codes[r, g]
-                for j in range(kept):
-                    column = GROUP_SIZE * g + kept_positions[mask, j]
-                    weight = values[r, kept * g + j]
-                    for t in range(width):
-                        acc[t] += weight * x_transposed[column, start + t]
-            offset = bias[r] if has_bias else np.float32(0.0)
-            for t in range(width):
-                out[start + t, r] = acc[t] + offset
+                acc += _group_dot_n1(row_values, row_codes, g, x0[g], x1[g], x2[g], x3[g])
+            out[t, r] = acc + offset
 
 
 @numba.njit(_PREFILL_SIGNATURE, parallel=True, fastmath=SUM_FASTMATH, cache=True)
-def matmul_dense(values, codes, kept, x_transposed, bias, out):
-    """Dense GEMM ``out = X Wᵀ + bias`` with the Cn4 kernel's loops; ignores codes and kept."""
-    out_features = values.shape[0]
+def matmul_n2(values, codes, x_by_position, bias, out):
+    """Cn4 GEMM at level 2: ``out = X Wᵀ + bias``."""
+    tokens = x_by_position.shape[0]
+    groups = x_by_position.shape[2]
+    for r in numba.prange(values.shape[0]):
+        row_values = values[r]
+        row_codes = codes[r]
+        offset = bias[r] if bias.shape[0] else np.float32(0.0)
+        for t in range(tokens):
+            x0 = x_by_position[t, 0]
+            x1 = x_by_position[t, 1]
+            x2 = x_by_position[t, 2]
+            x3 = x_by_position[t, 3]
+            acc = np.float32(0.0)
+            for g in range(groups):
+                acc += _group_dot_n2(row_values, row_codes, g, x0[g], x1[g], x2[g], x3[g])
+            out[t, r] = acc + offset
+
+
+@numba.njit(_PREFILL_SIGNATURE, parallel=True, fastmath=SUM_FASTMATH, cache=True)
+def matmul_n3(values, codes, x_by_position, bias, out):
+    """Cn4 GEMM at level 3: ``out = X Wᵀ + bias``."""
+    tokens = x_by_position.shape[0]
+    groups = x_by_position.shape[2]
+    for r in numba.prange(values.shape[0]):
+        row_values = values[r]
+        row_codes = codes[r]
+        offset = bias[r] if bias.shape[0] else np.float32(0.0)
+        for t in range(tokens):
+            x0 = x_by_position[t, 0]
+            x1 = x_by_position[t, 1]
+            x2 = x_by_position[t, 2]
+            x3 = x_by_position[t, 3]
+            acc = np.float32(0.0)
+            for g in range(groups):
+                acc += _group_dot_n3(row_values, row_codes, g, x0[g], x1[g], x2[g], x3[g])
+            out[t, r] = acc + offset
+
+
+@numba.njit(_DENSE_PREFILL_SIGNATURE, parallel=True, fastmath=SUM_FASTMATH, cache=True)
+def matmul_dense(values, x, bias, out):
+    """Dense GEMM ``out = X Wᵀ + bias`` for ``x`` [tokens, in], with the Cn4 kernels' loops."""
+    tokens = x.shape[0]
     columns = values.shape[1]
-    tokens = x_transposed.shape[1]
-    has_bias = bias.shape[0] != 0
-    for r in numba.prange(out_features):
-        acc = np.empty(TOKEN_TILE, dtype=np.float32)
-        for start in range(0, tokens, TOKEN_TILE):
-            width = min(TOKEN_TILE, tokens - start)
-            acc[:] = 0.0
+    for r in numba.prange(values.shape[0]):
+        row_values = values[r]
+        offset = bias[r] if bias.shape[0] else np.float32(0.0)
+        for t in range(tokens):
+            row_x = x[t]
+            acc = np.float32(0.0)
             for i in range(columns):
-                weight = values[r, i]
-                for t in range(width):
-                    acc[t] += weight * x_transposed[i, start + t]
-            offset = bias[r] if has_bias else np.float32(0.0)
-            for t in range(width):
-                out[start + t, r] = acc[t] + offset
+                acc += row_values[i] * row_x[i]
+            out[t, r] = acc + offset
+
+
+# Prefill kernel by level, for levels 1 to 3.
+MATMUL_KERNELS = {1: matmul_n1, 2: matmul_n2, 3: matmul_n3}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,12 +477,14 @@ def cn4_matmul(packed: PackedCn4, x: np.ndarray, out: np.ndarray | None = None) 
     """Return ``X Wᵀ + bias`` [tokens, out] for tokens ``X`` [tokens, in] (prefill)."""
     x = _as_tokens(x, packed.in_features)
     result = _output(out, (x.shape[0], packed.out_features))
-    x_transposed = np.ascontiguousarray(x.T)
     bias = _NO_BIAS if packed.bias is None else packed.bias
     if packed.n == 0:
-        matmul_dense(packed.values, _NO_CODES, GROUP_SIZE, x_transposed, bias, result)
-    else:
-        matmul_cn4(packed.values, packed.codes, packed.kept, x_transposed, bias, result)
+        matmul_dense(packed.values, np.ascontiguousarray(x), bias, result)
+        return result
+    # [tokens, groups, 4] -> [tokens, 4, groups]: x_by_position[t, p, g] = X[t, 4g + p].
+    grouped = x.reshape(x.shape[0], packed.groups, GROUP_SIZE)
+    x_by_position = np.ascontiguousarray(grouped.transpose(0, 2, 1))
+    MATMUL_KERNELS[packed.n](packed.values, packed.codes, x_by_position, bias, result)
     return result
 
 
@@ -479,5 +508,5 @@ def dense_matmul(
     x = _as_tokens(x, weight.shape[1])
     result = _output(out, (x.shape[0], weight.shape[0]))
     bias_array = _NO_BIAS if bias is None else _bias_array(bias, weight.shape[0])
-    matmul_dense(weight, _NO_CODES, GROUP_SIZE, np.ascontiguousarray(x.T), bias_array, result)
+    matmul_dense(weight, np.ascontiguousarray(x), bias_array, result)
     return result
