@@ -45,8 +45,8 @@ SHAPES = {
 LEVELS = (1, 2, 3)
 # Bytes per timed call of the read-bandwidth sum: a few GEMVs' worth.
 BANDWIDTH_BLOCK_BYTES = 8 * 2**20
-# Pause after the PyTorch column so its OpenMP threads stop spinning before numba's run; GNU
-# OpenMP spins for well under a second by default.
+# Pause after the PyTorch column so its OpenMP threads stop spinning before numba's run.
+# NOTE: one second is a margin picked by hand, not measured against the spin time.
 OPENMP_SETTLE_SECONDS = 1.0
 # Used when neither sysfs nor lscpu reports a last-level cache.
 FALLBACK_CACHE_BYTES = 32 * 2**20

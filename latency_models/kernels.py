@@ -188,7 +188,8 @@ def _bit_is_set(typingctx, byte, bits):
     """Test ``byte & bits != 0`` in 8-bit arithmetic.
 
     numba widens uint8 operands of ``&`` to int64, and the vectorised loop then tests the codes
-    in 64-bit lanes, 8 per register, which made the Cn4 GEMVs about 1.5x slower here.
+    in 64-bit lanes, 8 per register. That made the Cn4 GEMVs about 1.5x slower on the AMD EPYC
+    (Zen 4) machine of docs/benchmarks.md.
     """
     if byte != types.uint8 or not isinstance(bits, types.Integer):
         return None

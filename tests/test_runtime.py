@@ -63,7 +63,7 @@ def test_swap_generates_same_tokens(arch, tiny_mamba_dir, tiny_mamba2_dir):
         assert module.level == level
     swapped_ids, swapped_logits = greedy_generate(loaded)
 
-    assert dense_ids.shape[1] - 6 >= NEW_TOKENS
+    assert dense_logits.shape[0] == NEW_TOKENS
     assert torch.equal(swapped_ids, dense_ids)
     torch.testing.assert_close(swapped_logits, dense_logits, rtol=1e-4, atol=1e-4)
 
