@@ -359,25 +359,33 @@ def owl_outlier_ratios(context: SearchContext) -> dict[str, float]:
 def create_study(
     context: SearchContext, *, storage: str | None, study_name: str | None
 ) -> optuna.Study:
-    """Create (or join, with shared storage) the study, with a seeded constrained TPE sampler."""
-    with warnings.catch_warnings():
-        # Multivariate TPE is marked experimental; it models the layers jointly.
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(
-            seed=context.spec.seed,
-            multivariate=True,
-            n_startup_trials=TPE_STARTUP_TRIALS,
-        )
+    """Create (or join, with shared storage) the study, with a seeded constrained TPE sampler.
+
+    A worker that joins a study with trials in it offsets the sampler seed by their count, so
+    workers sharing a study with the same spec do not propose the same sequence.
+    """
     study = optuna.create_study(
         storage=storage,
         study_name=study_name,
-        sampler=sampler,
+        sampler=_sampler(context.spec.seed),
         directions=context.directions,
         load_if_exists=storage is not None,
     )
     if storage is not None:
+        existing = len(study.get_trials(deepcopy=False))
+        if existing:
+            study.sampler = _sampler(context.spec.seed + existing)
         study.set_user_attr("spec", context.spec.to_dict())
     return study
+
+
+def _sampler(seed: int) -> optuna.samplers.TPESampler:
+    with warnings.catch_warnings():
+        # Multivariate TPE is marked experimental; it models the layers jointly.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, n_startup_trials=TPE_STARTUP_TRIALS
+        )
 
 
 def enqueue_seeds(study: optuna.Study, seeds: Mapping[str, Mapping[str, int]]) -> None:
