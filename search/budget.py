@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from search.errors import BudgetError, CostModelError, SearchError
 from search.models import GROUP_SIZE, LayerInfo
-from search.spec import SearchSpec
+from search.spec import ALL_LEVELS, DEFAULT_BUDGET_SHARE, SearchSpec
 
 logger = logging.getLogger(__name__)
 
@@ -115,30 +115,38 @@ class LatencyTable:
 def resolve_budget(spec: SearchSpec, table: LatencyTable) -> Budget:
     """Return the budget in force for ``spec``, raising BudgetError when no configuration fits.
 
-    The bound is the configuration with every layer at its fastest allowed level. The sparsity
-    target is checked against every layer at its highest allowed level.
+    The bound is the configuration with every layer at its fastest allowed level. With no budget
+    and no sparsity target, the budget lies ``DEFAULT_BUDGET_SHARE`` of the way from that bound
+    to the dense latency. The sparsity target is checked against every layer at its highest
+    allowed level.
     """
-    ratio = spec.effective_budget_ratio
+    minimum = table.minimum_ms()
     if spec.budget_ms is not None:
         budget = Budget(ms=float(spec.budget_ms), source="budget_ms", ratio=None)
-    elif ratio is not None:
+    elif spec.budget_ratio is not None:
+        ratio = spec.budget_ratio
         budget = Budget(ms=ratio * table.dense_ms(), source="budget_ratio", ratio=ratio)
+    elif spec.uses_default_budget:
+        dense = table.dense_ms()
+        budget_ms = minimum + DEFAULT_BUDGET_SHARE * max(dense - minimum, 0.0)
+        budget = Budget(ms=budget_ms, source="default", ratio=budget_ms / dense)
     else:
         budget = Budget(ms=None, source="none", ratio=None)
 
-    if budget.ms is not None:
-        minimum = table.minimum_ms()
-        if budget.ms < minimum:
-            given = (
-                f"budget_ms={budget.ms:.4g}"
-                if budget.source == "budget_ms"
-                else f"budget_ratio={ratio} ({budget.ms:.4g} ms)"
-            )
-            raise BudgetError(
-                f"{given} is below the lowest predicted latency any allowed configuration "
-                f"reaches, {minimum:.4g} ms per token (levels {list(spec.levels)}): raise the "
-                f"budget to at least {minimum:.4g} ms or allow more levels"
-            )
+    if budget.ms is not None and budget.ms < minimum:
+        if budget.source == "budget_ms":
+            given = f"budget_ms={budget.ms:.4g}"
+            fix = f"raise the budget to at least {minimum:.4g} ms"
+        else:
+            given = f"budget_ratio={budget.ratio} ({budget.ms:.4g} ms)"
+            lowest_ratio = minimum / table.dense_ms()
+            fix = f"raise the budget ratio to at least {math.ceil(lowest_ratio * 1000) / 1000:.3f}"
+        if max(spec.levels) < max(ALL_LEVELS):
+            fix += f" or allow level {max(ALL_LEVELS)}"
+        raise BudgetError(
+            f"{given} is below the lowest predicted latency any allowed configuration "
+            f"reaches, {minimum:.4g} ms per token (levels {list(spec.levels)}): {fix}"
+        )
 
     if spec.sparsity_target is not None:
         highest = uniform_map(table.layers, max(spec.levels))

@@ -1,7 +1,8 @@
 """``cn4 search``: find per-layer Cn4 levels under a latency budget and export the pruned model.
 
 With no options it searches the embedded model on this machine (probed and fitted on first use,
-then cached) under 0.6 of the dense model's predicted latency, and writes the report and the
+then cached) under the default budget, halfway between the lowest reachable latency and the
+dense model's, and writes the report and the
 pruned checkpoint under ``runs/<timestamp>``.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from search.spec import (
     ALL_LEVELS,
-    DEFAULT_BUDGET_RATIO,
+    DEFAULT_BUDGET_SHARE,
     DEFAULT_LEVELS,
     OBJECTIVES,
     PRUNING_METHODS,
@@ -59,8 +60,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     budget.add_argument(
         "--budget-ratio", type=float, metavar="RATIO",
         help=(
-            "latency budget as a share of the dense model's predicted latency, in (0, 1] "
-            f"(default {DEFAULT_BUDGET_RATIO} when no budget or sparsity target is given)"
+            "latency budget as a share of the dense model's predicted latency, in (0, 1]; with "
+            "no budget and no sparsity target, the budget is "
+            f"{DEFAULT_BUDGET_SHARE:g} of the way from the lowest reachable latency to dense"
         ),
     )
     parser.add_argument(

@@ -125,7 +125,10 @@ def test_search_on_embedded_model(tmp_path, capsys):
     ])
     assert status == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["budget_ratio"] == 0.6
+    assert report["budget_source"] == "default"
+    halfway = (report["minimum_latency_ms"] + report["dense_latency_ms"]) / 2
+    assert report["budget_ms"] == pytest.approx(halfway)
+    assert report["budget_ratio"] == pytest.approx(halfway / report["dense_latency_ms"])
     assert report["feasible"] is True
     assert report["predicted_latency_ms"] <= report["budget_ms"]
     objective = report["quality"]["objective_values"]

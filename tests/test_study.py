@@ -374,3 +374,28 @@ def test_measure_decode_times_winner_and_dense(context):
     name = context.layers[0].name
     weight = modules[name].weight.detach()
     assert int((weight == 0).sum()) < weight.numel() // 4
+
+
+
+def test_budget_ratio_below_minimum_names_ratio(loaded, device_file, tiny_mamba2_dir):
+    table = table_for(loaded, device_file, levels=(1, 2))
+    dense = predicted_ms(loaded, {})
+    minimum = predicted_ms(loaded, {layer.name: 2 for layer in table.layers})
+    lowest_ratio = minimum / dense
+    spec = small_spec(tiny_mamba2_dir, device_file, budget_ratio=lowest_ratio - 0.05,
+                      levels=(1, 2))
+    with pytest.raises(BudgetError) as caught:
+        resolve_budget(spec, table)
+    message = str(caught.value)
+    assert f"raise the budget ratio to at least {math.ceil(lowest_ratio * 1000) / 1000:.3f}" in message
+    assert "allow level 3" in message
+
+
+def test_default_budget_halfway_to_dense(loaded, device_file, tiny_mamba2_dir):
+    table = table_for(loaded, device_file)
+    dense = predicted_ms(loaded, {})
+    minimum = predicted_ms(loaded, {layer.name: 3 for layer in table.layers})
+    budget = resolve_budget(small_spec(tiny_mamba2_dir, device_file), table)
+    assert budget.source == "default"
+    assert budget.ms == pytest.approx((minimum + dense) / 2)
+    assert budget.ratio == pytest.approx((minimum + dense) / 2 / dense)
