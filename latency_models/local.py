@@ -41,6 +41,21 @@ PROBE_INFO_NAME = "probe.json"
 LOCK_NAME = ".lock"
 # Model ids are sha256 hex digests; this many characters name the cache folder.
 MODEL_ID_CHARS = 16
+# A fit whose held-out whole-model error (MAPE, percent) exceeds this is taken as a probe
+# disturbed by other work on the machine: it is probed again, up to PROBE_ATTEMPTS times in all.
+# On an idle 2-core machine the embedded model's probe fits with a MAPE of 7-9%; probes taken
+# while other jobs held the cores gave 22% to several thousand percent.
+MAX_USABLE_MAPE = 15.0
+PROBE_ATTEMPTS = 3
+
+
+def fit_is_usable(report: dict) -> bool:
+    """Return whether a fit report shows a probe undisturbed enough to cache and reuse."""
+    mape = report.get("mape")
+    if mape is None:
+        # No held-out whole-model records to judge by: nothing shows the probe was disturbed.
+        return True
+    return mape <= MAX_USABLE_MAPE
 
 
 def _cpu_model() -> str:
@@ -100,6 +115,9 @@ def _cached_levels(directory: Path, clock: str) -> set[int] | None:
         return None
     if info.get("tool_version") != TOOL_VERSION or info.get("clock", "wall") != clock:
         return None
+    if not info.get("usable", True):
+        # The last probe stayed inaccurate after every attempt: try again rather than reuse it.
+        return None
     return {int(level) for level in info.get("levels", [])}
 
 
@@ -119,7 +137,9 @@ def local_cost_model(
     (level 0 is always probed). Otherwise, or with ``refresh``, the model is probed at
     ``levels`` (merged with the cached levels), fitted and saved. ``configs``, ``repeats`` and
     ``clock`` are passed to :func:`latency_models.probe.probe_model`. A cache probed with
-    another clock is probed again.
+    another clock is probed again. A fit whose held-out error shows a disturbed probe (see
+    :func:`fit_is_usable`) is probed again, up to ``PROBE_ATTEMPTS`` times; if none is usable,
+    the best one is returned and marked so that the next call probes again.
     """
     requested = {int(level) for level in levels} | {0}
     device = local_device_name()
@@ -136,17 +156,37 @@ def local_cost_model(
             "probing %s on %s at levels %s (cached in %s)",
             model_id(loaded_model)[:16], device, probe_levels, directory,
         )
-        result = probe_model(
-            loaded_model,
-            device=device,
-            levels=probe_levels,
-            configs=configs,
-            repeats=repeats,
-            clock=clock,
-            progress=progress,
-        )
+        best = None
+        for attempt in range(1, PROBE_ATTEMPTS + 1):
+            result = probe_model(
+                loaded_model,
+                device=device,
+                levels=probe_levels,
+                configs=configs,
+                repeats=repeats,
+                clock=clock,
+                progress=progress,
+            )
+            fitted = CostModel.fit(result.records)
+            if best is None or _mape(fitted) < _mape(best[1]):
+                best = (result, fitted)
+            if fit_is_usable(fitted.fit_report):
+                break
+            logger.warning(
+                "probe %d of %d on %s was disturbed: held-out MAPE %.1f%% is over %.0f%%; "
+                "other work on this machine skews the timings",
+                attempt, PROBE_ATTEMPTS, device, _mape(fitted), MAX_USABLE_MAPE,
+            )
+        result, cost_model = best
+        usable = fit_is_usable(cost_model.fit_report)
+        if not usable:
+            logger.warning(
+                "the cost model of %s stays inaccurate after %d probes (held-out MAPE %.1f%%): "
+                "its predictions are used for this run only and it is probed again next time; "
+                "probe on an idle machine, or with clock='thread' (cn4 probe --clock thread)",
+                device, PROBE_ATTEMPTS, _mape(cost_model),
+            )
         write_measurements(result.records, directory / MEASUREMENTS_NAME)
-        cost_model = CostModel.fit(result.records)
         cost_model.save(model_path)
         info = {
             "tool_version": TOOL_VERSION,
@@ -157,6 +197,12 @@ def local_cost_model(
             "repeats": repeats,
             "clock": clock,
             "probe_seconds": round(result.seconds, 2),
+            "usable": usable,
         }
         (directory / PROBE_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
         return cost_model
+
+
+def _mape(cost_model: CostModel) -> float:
+    mape = cost_model.fit_report.get("mape")
+    return float(mape) if mape is not None else 0.0

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from latency_models.measurements import SPREAD_WARN_RATIO
 from search.budget import sparsity
 from search.models import describe_level
 from search.objective import HELD_OUT_LABEL
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Decode timings whose p90/p10 exceeds the measurement files' spread threshold were probably
+# disturbed by other work on the machine.
+NOISY_SPREAD = SPREAD_WARN_RATIO
 # Measured and predicted latency disagree when they differ by more than this share.
 PREDICTION_TOLERANCE = 0.10
 MODEL_SUBDIR = "model"
@@ -92,8 +96,11 @@ def build_report(
         predicted = table.predict(winner_levels)
 
     measured = dense_measured = None
+    winner_timing = dense_timing = None
     if winner_levels is not None and is_local_device(context) and spec.measure:
-        measured, dense_measured = measure_decode(context, winner_levels)
+        winner_timing, dense_timing = measure_decode(context, winner_levels)
+        measured = winner_timing["median_ms"]
+        dense_measured = dense_timing["median_ms"]
     prediction_error = (
         (predicted - measured) / measured if measured and predicted is not None else None
     )
@@ -129,6 +136,12 @@ def build_report(
         "measured_latency_ms": measured,
         "dense_latency_ms": dense_predicted,
         "dense_measured_latency_ms": dense_measured,
+        "measured_latency": winner_timing,
+        "dense_measured_latency": dense_timing,
+        "measurement_noisy": (
+            any(_spread(timing) > NOISY_SPREAD for timing in (winner_timing, dense_timing))
+            if winner_timing is not None else None
+        ),
         "prediction_error": prediction_error,
         "prediction_disagrees": (
             abs(prediction_error) > PREDICTION_TOLERANCE if prediction_error is not None else None
@@ -157,8 +170,13 @@ def build_report(
     return _json_ready(report)
 
 
-def measure_decode(context: SearchContext, level_map: dict[str, int]) -> tuple[float, float]:
-    """Measure the winner's and the dense model's decode latency through the engine, in ms."""
+def measure_decode(
+    context: SearchContext, level_map: dict[str, int]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Measure the winner's and the dense model's decode latency through the engine.
+
+    Each result holds ``median_ms``, ``p10_ms`` and ``p90_ms`` (ms per decoded token).
+    """
     from latency_models.probe import measure_model_decode
     from search.variants import apply_level_map
 
@@ -166,7 +184,12 @@ def measure_decode(context: SearchContext, level_map: dict[str, int]) -> tuple[f
     with apply_level_map(model, level_map, context.evaluator.cache):
         pruned = measure_model_decode(context.loaded, level_map)
     dense = measure_model_decode(context.loaded, {})
-    return float(pruned["median_ms"]), float(dense["median_ms"])
+    keys = ("median_ms", "p10_ms", "p90_ms")
+    return ({key: float(pruned[key]) for key in keys}, {key: float(dense[key]) for key in keys})
+
+
+def _spread(timing: dict[str, float]) -> float:
+    return timing["p90_ms"] / timing["p10_ms"] if timing["p10_ms"] > 0 else math.inf
 
 
 def export_winner(
@@ -187,6 +210,16 @@ def export_winner(
         return save_pruned(
             context.loaded, level_map, out_dir / MODEL_SUBDIR, metadata=metadata, overwrite=True
         )
+
+
+def _disagreement_hint(report: dict[str, Any]) -> str:
+    if report.get("measurement_noisy"):
+        return (
+            "the timings spread widely (p90/p10 over "
+            f"{NOISY_SPREAD:g}), so other work on this machine probably disturbed them; "
+            "measure again on an idle machine"
+        )
+    return "the cost model may be stale or was probed on a busy machine; probe and fit again"
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
@@ -223,7 +256,7 @@ def format_summary(report: dict[str, Any]) -> str:
         f"winner latency       {_ms(report['predicted_latency_ms'])} predicted"
         + (f", {_ms(report['measured_latency_ms'])} measured "
            f"(prediction error {report['prediction_error']:+.1%}"
-           + (", over 10%: refit the cost model" if report["prediction_disagrees"] else "")
+           + (", over 10%: " + _disagreement_hint(report) if report["prediction_disagrees"] else "")
            + ")"
            if report["measured_latency_ms"] is not None else ""),
         f"winner               trial {report['best_trial']}, {verdict}, sparsity "

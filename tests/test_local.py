@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numba
@@ -10,7 +11,10 @@ import pytest
 from latency_models.cost_model import CostModel
 from latency_models.local import (
     COST_MODEL_NAME,
+    MAX_USABLE_MAPE,
     MEASUREMENTS_NAME,
+    PROBE_INFO_NAME,
+    fit_is_usable,
     local_cache_dir,
     local_cost_model,
     local_device_name,
@@ -87,3 +91,27 @@ def test_local_cost_model_clock_change(tiny_mamba2_dir):
     model = local_cost_model(loaded, levels=(1,), clock="thread", **SMALL_PROBE)
     assert measurements.stat().st_mtime_ns != stamp
     assert model.backend == "numba-cn4/thread-time"
+
+
+def test_fit_is_usable_threshold():
+    assert fit_is_usable({"mape": 8.0})
+    assert fit_is_usable({"mape": MAX_USABLE_MAPE})
+    assert not fit_is_usable({"mape": MAX_USABLE_MAPE + 0.1})
+    assert not fit_is_usable({"mape": 9529.0})
+    assert fit_is_usable({"mape": None})
+
+
+def test_unusable_cache_probes_again(tiny_mamba2_dir):
+    loaded = load_checkpoint(tiny_mamba2_dir)
+    local_cost_model(loaded, levels=(1,), **SMALL_PROBE)
+    directory = local_cache_dir(loaded)
+    info_path = directory / PROBE_INFO_NAME
+    info = json.loads(info_path.read_text())
+    assert "usable" in info
+    # A cache marked unusable (every probe disturbed) is not reused.
+    info["usable"] = False
+    info_path.write_text(json.dumps(info))
+    measurements = directory / MEASUREMENTS_NAME
+    stamp = measurements.stat().st_mtime_ns
+    local_cost_model(loaded, levels=(1,), **SMALL_PROBE)
+    assert measurements.stat().st_mtime_ns != stamp
