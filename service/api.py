@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine
@@ -30,6 +30,12 @@ logger = logging.getLogger(__name__)
 
 # Bodies of JSON requests (a batch of a few thousand specs fits easily).
 MAX_JSON_BYTES = 16 * 1024 * 1024
+
+# Largest id the tables can hold: their id columns are INTEGER, 4 bytes on PostgreSQL. A larger
+# id in a path would fail in the database driver (a 500) instead of being rejected with a 422.
+MAX_ROW_ID = 2**31 - 1
+
+RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID, description=f"database id, 1 to {MAX_ROW_ID}")]
 
 
 def get_engine(request: Request) -> Engine:

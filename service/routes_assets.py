@@ -14,7 +14,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
 from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from service.api import SessionDep, SettingsDep, WriteAccess
+from service.api import MAX_ROW_ID, RowId, SessionDep, SettingsDep, WriteAccess
 from service.resolve import check_inside_roots
 from service.schemas import (
     DeviceCreate,
@@ -275,14 +275,14 @@ def list_devices(session: SessionDep):
 
 
 @router.get("/devices/{device_id}", response_model=DeviceOut, tags=["devices"])
-def get_device(device_id: int, session: SessionDep):
+def get_device(device_id: RowId, session: SessionDep):
     return _device_out(session, _get_device(session, device_id))
 
 
 @router.post("/devices/{device_id}/measurements", status_code=201,
              response_model=MeasurementUploadOut, tags=["devices"], dependencies=[WriteAccess])
 async def upload_measurements(
-    device_id: int,
+    device_id: RowId,
     session: SessionDep,
     settings: SettingsDep,
     file: UploadFile = File(description="a cn4.latency/1 file: CSV with header or JSON Lines"),
@@ -320,8 +320,9 @@ async def upload_measurements(
 
 @router.get("/devices/{device_id}/measurements", tags=["devices"])
 def list_measurements(
-    device_id: int, session: SessionDep,
-    limit: int = Query(default=1000, ge=1, le=100_000), offset: int = Query(default=0, ge=0),
+    device_id: RowId, session: SessionDep,
+    limit: int = Query(default=1000, ge=1, le=100_000),
+    offset: int = Query(default=0, ge=0, le=MAX_ROW_ID),
 ) -> list[dict[str, Any]]:
     """Stored records in cn4.latency/1 field names."""
     _get_device(session, device_id)
@@ -349,7 +350,7 @@ def _latency_model_out(record: LatencyModel) -> dict[str, Any]:
 
 @router.post("/devices/{device_id}/latency-models", status_code=201,
              response_model=LatencyModelOut, tags=["latency models"], dependencies=[WriteAccess])
-def fit_latency_model(device_id: int, body: LatencyModelFit, session: SessionDep,
+def fit_latency_model(device_id: RowId, body: LatencyModelFit, session: SessionDep,
                       settings: SettingsDep):
     """Fit a cost model to every measurement of the device and return its accuracy report."""
     from latency_models.cost_model import CostModel
@@ -381,7 +382,7 @@ def fit_latency_model(device_id: int, body: LatencyModelFit, session: SessionDep
 
 @router.get("/devices/{device_id}/latency-models", response_model=list[LatencyModelOut],
             tags=["latency models"])
-def list_latency_models(device_id: int, session: SessionDep):
+def list_latency_models(device_id: RowId, session: SessionDep):
     _get_device(session, device_id)
     records = session.execute(
         select(LatencyModel).where(LatencyModel.device_id == device_id).order_by(LatencyModel.id)
@@ -401,13 +402,13 @@ def _get_latency_model(session, model_id: int) -> LatencyModel:
 
 
 @router.get("/latency-models/{model_id}", response_model=LatencyModelOut, tags=["latency models"])
-def get_latency_model(model_id: int, session: SessionDep):
+def get_latency_model(model_id: RowId, session: SessionDep):
     return _latency_model_out(_get_latency_model(session, model_id))
 
 
 @router.post("/latency-models/{model_id}/predict", response_model=PredictOut,
              tags=["latency models"])
-def predict(model_id: int, body: PredictRequest, session: SessionDep):
+def predict(model_id: RowId, body: PredictRequest, session: SessionDep):
     """Predict a whole model's latency (ms per call over ``tokens`` tokens) for a level map."""
     from latency_models.cost_model import CostModel
 

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from search.spec import SearchSpec
 from service import queue
-from service.api import EngineDep, SessionDep, SettingsDep, WriteAccess
+from service.api import MAX_ROW_ID, EngineDep, RowId, SessionDep, SettingsDep, WriteAccess
 from service.resolve import check_spec
 from service.schemas import (
     BatchItemOut,
@@ -111,7 +111,7 @@ def list_jobs(
     session: SessionDep,
     state: str | None = Query(default=None, description="only jobs in this state"),
     limit: int = Query(default=50, ge=1, le=MAX_PAGE),
-    offset: int = Query(default=0, ge=0),
+    offset: int = Query(default=0, ge=0, le=MAX_ROW_ID),
 ):
     """List jobs, newest first."""
     if state is not None and state not in JOB_STATES:
@@ -133,12 +133,12 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: int, session: SessionDep):
+def get_job(job_id: RowId, session: SessionDep):
     return job_out(_get_job(session, job_id))
 
 
 @router.get("/{job_id}/trials", response_model=list[TrialOut])
-def list_trials(job_id: int, session: SessionDep):
+def list_trials(job_id: RowId, session: SessionDep):
     """List every trial reported so far, by number, with levels, quality, latency and feasibility."""
     _get_job(session, job_id)
     trials = session.execute(
@@ -157,7 +157,7 @@ def list_trials(job_id: int, session: SessionDep):
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, dependencies=[WriteAccess])
-def cancel_job(job_id: int, session: SessionDep, engine: EngineDep):
+def cancel_job(job_id: RowId, session: SessionDep, engine: EngineDep):
     """Cancel a queued job, or ask a running job's worker to stop (it keeps its trials)."""
     queue.request_cancel(engine, job_id)
     session.expire_all()
@@ -181,7 +181,7 @@ def _files(directory: Path) -> list[str]:
 
 
 @router.get("/{job_id}/result", response_model=JobResultOut)
-def get_result(job_id: int, session: SessionDep):
+def get_result(job_id: RowId, session: SessionDep):
     """Return the search report of a finished job and the files it wrote."""
     job = _get_job(session, job_id)
     directory = _output_dir(job)
@@ -189,7 +189,7 @@ def get_result(job_id: int, session: SessionDep):
 
 
 @router.get("/{job_id}/download")
-def download_zip(job_id: int, session: SessionDep):
+def download_zip(job_id: RowId, session: SessionDep):
     """Download everything the job wrote (report and exported model) as one zip file."""
     job = _get_job(session, job_id)
     directory = _output_dir(job)
@@ -209,7 +209,7 @@ def download_zip(job_id: int, session: SessionDep):
 
 
 @router.get("/{job_id}/files/{name:path}")
-def download_file(job_id: int, name: str, session: SessionDep):
+def download_file(job_id: RowId, name: str, session: SessionDep):
     """Download one file the job wrote, ``name`` as listed by GET /v1/jobs/{id}/result."""
     job = _get_job(session, job_id)
     directory = _output_dir(job).resolve()

@@ -1,0 +1,58 @@
+"""Error answers of the API on a real uvicorn server: out-of-range ids, results that never come,
+upload errors, unexpected exceptions and the offline API docs."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.api import MAX_ROW_ID
+
+pytestmark = pytest.mark.postgres
+
+TOO_LARGE_ID = 99999999999999999999999
+
+# Every route with an integer id in its path: method, path with {id}, request keyword arguments.
+ID_ROUTES = [
+    ("GET", "/v1/jobs/{id}", {}),
+    ("GET", "/v1/jobs/{id}/trials", {}),
+    ("POST", "/v1/jobs/{id}/cancel", {}),
+    ("GET", "/v1/jobs/{id}/result", {}),
+    ("GET", "/v1/jobs/{id}/download", {}),
+    ("GET", "/v1/jobs/{id}/files/report.json", {}),
+    ("GET", "/v1/devices/{id}", {}),
+    ("POST", "/v1/devices/{id}/measurements", {"files": {"file": ("m.jsonl", b"{}\n")}}),
+    ("GET", "/v1/devices/{id}/measurements", {}),
+    ("POST", "/v1/devices/{id}/latency-models", {"json": {}}),
+    ("GET", "/v1/devices/{id}/latency-models", {}),
+    ("GET", "/v1/latency-models/{id}", {}),
+    ("POST", "/v1/latency-models/{id}/predict", {"json": {"layers": [[8, 8, 1]]}}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "extra"), ID_ROUTES)
+def test_id_too_large_rejected(client, method, path, extra):
+    response = client.request(method, path.format(id=TOO_LARGE_ID), **extra)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert "path." in detail
+    assert f"less than or equal to {MAX_ROW_ID}" in detail
+
+
+@pytest.mark.parametrize(("method", "path", "extra"), ID_ROUTES)
+def test_id_zero_rejected(client, method, path, extra):
+    response = client.request(method, path.format(id=0), **extra)
+    assert response.status_code == 422, response.text
+    assert "greater than or equal to 1" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs/{id}", "/v1/devices/{id}", "/v1/latency-models/{id}"])
+def test_largest_id_not_found(client, path):
+    response = client.get(path.format(id=MAX_ROW_ID))
+    assert response.status_code == 404, response.text
+    assert str(MAX_ROW_ID) in response.json()["detail"]
+
+
+def test_offset_too_large_rejected(client):
+    response = client.get("/v1/jobs", params={"offset": TOO_LARGE_ID})
+    assert response.status_code == 422
+    assert "query.offset" in response.json()["detail"]
