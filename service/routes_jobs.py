@@ -165,13 +165,22 @@ def cancel_job(job_id: RowId, session: SessionDep, engine: EngineDep):
 
 
 def _output_dir(job: Job) -> Path:
-    if job.state not in ("succeeded", "cancelled") or not job.out_dir:
+    """Return the directory of the job's result, or raise 409 when it has none."""
+    # A job cancelled while running keeps the result of its finished trials.
+    if job.state in ("succeeded", "cancelled") and job.out_dir:
+        return Path(job.out_dir)
+    if job.state in ("failed", "cancelled"):
+        reason = f" (error: {job.error})" if job.error else ""
         raise HTTPException(
             status_code=409,
-            detail=f"job {job.id} is {job.state} and has no result yet: wait until it succeeds "
-            f"(GET /v1/jobs/{job.id})",
+            detail=f"job {job.id} is {job.state} and will never have a result{reason}: "
+            "submit its spec again as a new job",
         )
-    return Path(job.out_dir)
+    raise HTTPException(
+        status_code=409,
+        detail=f"job {job.id} is {job.state} and has no result yet: wait until it succeeds "
+        f"(GET /v1/jobs/{job.id})",
+    )
 
 
 def _files(directory: Path) -> list[str]:

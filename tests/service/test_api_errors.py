@@ -4,8 +4,10 @@ upload errors, unexpected exceptions and the offline API docs."""
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import update
 
 from service.api import MAX_ROW_ID
+from service.tables import Job
 
 pytestmark = pytest.mark.postgres
 
@@ -56,3 +58,35 @@ def test_offset_too_large_rejected(client):
     response = client.get("/v1/jobs", params={"offset": TOO_LARGE_ID})
     assert response.status_code == 422
     assert "query.offset" in response.json()["detail"]
+
+
+def test_result_of_cancelled_job(client):
+    job_id = client.post("/v1/jobs", json={"spec": {"trials": 2, "seed": 700}}).json()["id"]
+    assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+    response = client.get(f"/v1/jobs/{job_id}/result")
+    assert response.status_code == 409
+    detail = response.json()["detail"]
+    assert f"job {job_id} is cancelled and will never have a result" in detail
+    assert "wait" not in detail
+    assert client.get(f"/v1/jobs/{job_id}/download").status_code == 409
+
+
+def test_result_of_failed_job_names_error(client, engine):
+    job_id = client.post("/v1/jobs", json={"spec": {"trials": 2, "seed": 701}}).json()["id"]
+    with engine.begin() as connection:
+        connection.execute(
+            update(Job).where(Job.id == job_id).values(state="failed", error="CheckpointError: no weights")
+        )
+    response = client.get(f"/v1/jobs/{job_id}/result")
+    assert response.status_code == 409
+    detail = response.json()["detail"]
+    assert f"job {job_id} is failed and will never have a result" in detail
+    assert "(error: CheckpointError: no weights)" in detail
+    assert "wait" not in detail
+
+
+def test_result_of_queued_job_says_wait(client):
+    job_id = client.post("/v1/jobs", json={"spec": {"trials": 2, "seed": 702}}).json()["id"]
+    response = client.get(f"/v1/jobs/{job_id}/result")
+    assert response.status_code == 409
+    assert "has no result yet: wait until it succeeds" in response.json()["detail"]
