@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import uuid
@@ -14,6 +15,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
 from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from search.errors import Cn4Error
 from service.api import MAX_ROW_ID, RowId, SessionDep, SettingsDep, WriteAccess
 from service.resolve import check_inside_roots
 from service.schemas import (
@@ -141,6 +143,20 @@ def register_model(body: ModelRegister, session: SessionDep, settings: SettingsD
     return _model_out(_store_model(session, name=body.name, path=path, source="registered"))
 
 
+def _load_upload(partial: Path, name: str) -> None:
+    """Load an uploaded checkpoint from its temporary directory to check it.
+
+    A checkpoint error names the uploaded files instead of the temporary directory, which the
+    client never sees and which is deleted when the upload fails.
+    """
+    try:
+        _load(str(partial))
+    except Cn4Error as exc:
+        message = str(exc).replace(repr(str(partial)), f"upload {name!r}")
+        message = message.replace(f"{partial}{os.sep}", "").replace(str(partial), f"upload {name!r}")
+        raise type(exc)(message) from exc
+
+
 @router.post("/models/upload", status_code=201, response_model=ModelOut, tags=["models"],
              dependencies=[WriteAccess])
 async def upload_model(
@@ -180,7 +196,7 @@ async def upload_model(
                             "CN4_MAX_UPLOAD_BYTES or register the directory under a model root",
                         )
                     handle.write(chunk)
-        _load(str(partial))
+        _load_upload(partial, name)
         partial.rename(target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

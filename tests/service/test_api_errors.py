@@ -3,6 +3,8 @@ upload errors, unexpected exceptions and the offline API docs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from sqlalchemy import update
 
@@ -90,3 +92,34 @@ def test_result_of_queued_job_says_wait(client):
     response = client.get(f"/v1/jobs/{job_id}/result")
     assert response.status_code == 409
     assert "has no result yet: wait until it succeeds" in response.json()["detail"]
+
+
+def _checkpoint_files(directory: Path, *, skip: str = "", replace: dict[str, bytes] | None = None):
+    replace = replace or {}
+    return [
+        ("files", (path.name, replace.get(path.name, path.read_bytes())))
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.name != skip
+    ]
+
+
+def test_upload_error_names_upload_not_temporary_dir(client, tiny_model_dir, settings):
+    files = _checkpoint_files(tiny_model_dir, skip="model.safetensors")
+    response = client.post("/v1/models/upload", data={"name": "no-weights"}, files=files)
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert "upload 'no-weights'" in detail
+    assert "safetensors" in detail
+    assert ".partial" not in detail
+    assert str(settings.upload_root) not in detail
+
+
+def test_upload_bad_config_names_file(client, tiny_model_dir, settings):
+    files = _checkpoint_files(tiny_model_dir, replace={"config.json": b"{not json"})
+    response = client.post("/v1/models/upload", data={"name": "bad-config"}, files=files)
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert detail.startswith("config.json is not a readable JSON file"), detail
+    assert ".partial" not in detail
+    assert str(settings.upload_root) not in detail
+    assert not list(settings.upload_root.glob(".bad-config.*"))
