@@ -144,6 +144,44 @@ class BodyLimitMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
+class UnexpectedErrorMiddleware:
+    """Answer an unexpected exception with a 500 JSON detail and log its traceback once.
+
+    A handler registered for ``Exception`` would not do: Starlette's ServerErrorMiddleware
+    re-raises after calling it, so uvicorn logs the same traceback a second time. This middleware
+    sits inside ServerErrorMiddleware and does not re-raise, unless the response has started
+    already; then uvicorn logs the error and closes the connection.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        response_started = False
+
+        async def tracking_send(message) -> None:
+            nonlocal response_started
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if response_started:
+                raise
+            method, path = scope["method"], scope["path"]
+            logger.exception("%s %s failed", method, path)
+            response = JSONResponse(
+                status_code=500,
+                content={"detail": f"internal error while handling {method} {path} "
+                         f"({type(exc).__name__}: {exc}); the server log has the traceback"},
+            )
+            await response(scope, receive, send)
+
+
 def _validation_detail(exc: RequestValidationError) -> str:
     parts = []
     for error in exc.errors():
@@ -195,6 +233,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.engine = engine
+    app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
 
     def _rejected(request: Request, status: int, detail: str) -> JSONResponse:
@@ -225,15 +264,6 @@ def create_app(
     async def _cn4_error(request: Request, exc: Cn4Error) -> JSONResponse:
         # Remaining cn4 errors are bad input: a checkpoint, measurement file or prediction.
         return _rejected(request, 422, str(exc))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("%s %s failed", request.method, request.url.path)
-        return JSONResponse(
-            status_code=500,
-            content={"detail": f"internal error while handling {request.method} {request.url.path} "
-                     f"({type(exc).__name__}: {exc}); the server log has the traceback"},
-        )
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     def health(engine: EngineDep) -> Any:

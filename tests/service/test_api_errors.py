@@ -3,13 +3,16 @@ upload errors, unexpected exceptions and the offline API docs."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import update
 
-from service.api import MAX_ROW_ID
+from service.api import MAX_ROW_ID, create_app
 from service.tables import Job
+from service_testing import ServerThread
 
 pytestmark = pytest.mark.postgres
 
@@ -123,3 +126,22 @@ def test_upload_bad_config_names_file(client, tiny_model_dir, settings):
     assert ".partial" not in detail
     assert str(settings.upload_root) not in detail
     assert not list(settings.upload_root.glob(".bad-config.*"))
+
+
+def test_unexpected_error_logged_once(settings, engine, caplog):
+    app = create_app(settings, engine=engine, embedded_worker=False)
+
+    def fail() -> None:
+        raise RuntimeError("disk on fire")
+
+    app.add_api_route("/v1/fail", fail, methods=["GET"])
+    with ServerThread(app) as server, caplog.at_level(logging.ERROR):
+        response = httpx.get(server.url + "/v1/fail", timeout=30)
+    assert response.status_code == 500
+    assert response.json()["detail"] == (
+        "internal error while handling GET /v1/fail (RuntimeError: disk on fire); "
+        "the server log has the traceback"
+    )
+    tracebacks = [record for record in caplog.records if record.exc_info is not None]
+    assert [record.name for record in tracebacks] == ["service.api"]
+    assert "GET /v1/fail failed" in tracebacks[0].getMessage()
