@@ -117,13 +117,15 @@ def run_prune(args: argparse.Namespace) -> int:
     from search.calibration import collect_layer_stats
     from search.data import calibration_text, evaluation_text, read_text, token_windows
     from search.data import tokens_fingerprint
-    from search.export import save_pruned
+    from search.export import check_out_dir, save_pruned
     from search.models import check_level_map, describe_level, eligible_layers, load_checkpoint
     from search.quality import perplexity
     from search.variants import VariantCache, assemble
 
     started = time.perf_counter()
     loaded = load_checkpoint(args.model)
+    # Fail before the pruning and evaluation, not after them.
+    check_out_dir(Path(args.out), loaded.path, overwrite=args.overwrite)
     layers = [info.name for info in eligible_layers(loaded.model)]
     if args.level is not None:
         level_map = dict.fromkeys(layers, args.level)

@@ -193,6 +193,9 @@ def run(args: argparse.Namespace) -> int:
     # Optuna logs every trial at INFO; the progress bar and the summary replace that.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out_dir = args.out if args.out is not None else default_out_dir()
+    if out_dir.exists() and not out_dir.is_dir():
+        print(f"cn4 search: error: --out {out_dir} is a file: give a directory", file=sys.stderr)
+        return 2
     report = run_search(spec, out_dir=out_dir, progress=not args.quiet)
     print(format_summary(report), end="")
     print(f"report: {out_dir / 'report.json'}")

@@ -181,7 +181,7 @@ def save_pruned(
     model = loaded.model
     levels = check_level_map(model, level_map)
     metadata_json = _metadata_as_json(metadata)
-    out_dir = _prepare_out_dir(Path(out_dir), loaded.path, overwrite=overwrite)
+    out_dir = check_out_dir(Path(out_dir), loaded.path, overwrite=overwrite)
 
     keep_masks = _keep_masks(model, levels, masks or {})
     checks = verify_levels(model, levels, masks=keep_masks)
@@ -235,7 +235,8 @@ def _metadata_as_json(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
         ) from exc
 
 
-def _prepare_out_dir(out_dir: Path, source: Path, *, overwrite: bool) -> Path:
+def check_out_dir(out_dir: Path, source: Path, *, overwrite: bool) -> Path:
+    """Return ``out_dir`` resolved, raising CheckpointError when a pruned model cannot go there."""
     out_dir = out_dir.expanduser().resolve()
     source = source.resolve()
     if out_dir == source or out_dir in source.parents:
@@ -247,8 +248,8 @@ def _prepare_out_dir(out_dir: Path, source: Path, *, overwrite: bool) -> Path:
         raise CheckpointError(f"out_dir {str(out_dir)!r} is a file: choose a directory path")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise CheckpointError(
-            f"out_dir {str(out_dir)!r} is not empty: choose a new directory, or pass "
-            "overwrite=True to replace it"
+            f"out_dir {str(out_dir)!r} is not empty: choose a new directory, or allow "
+            "replacing it (overwrite=True; cn4 prune --overwrite)"
         )
     return out_dir
 

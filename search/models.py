@@ -135,8 +135,9 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     names or shapes disagree with the config.
     """
     directory = resolve_model_dir(path)
-    reject_pickle_files(directory)
+    # config.json first: a folder without one is not a checkpoint, whatever else it holds.
     config_data = read_config(directory)
+    reject_pickle_files(directory)
     arch = str(config_data["model_type"])
     config_class, model_class = supported_architectures()[arch]
     config = _build_config(config_class, directory)

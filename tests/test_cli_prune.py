@@ -122,3 +122,16 @@ def test_read_level_map_accepts_export_format(tmp_path):
     path = tmp_path / "cn4_levels.json"
     path.write_text(json.dumps({"layers": {"a.in_proj": {"level": 2, "pattern": "x"}}}))
     assert read_level_map(path) == {"a.in_proj": 2}
+
+
+def test_prune_rejects_nonempty_out_before_pruning(tiny_mamba2_dir, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data\n")
+    status = main(["prune", "--model", str(tiny_mamba2_dir), "--level", "2", "--out", str(out)])
+    assert status == 1
+    error = capsys.readouterr().err
+    assert "is not empty" in error
+    assert "--overwrite" in error
+    assert (out / "keep.txt").read_text() == "user data\n"
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
