@@ -230,6 +230,9 @@ def create_app(
         version="1",
         summary="Latency-driven Cn4 sparsity search for Mamba and Mamba2 models",
         lifespan=lifespan,
+        # FastAPI's own pages load their scripts from a CDN: mount_api_docs serves them locally.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -275,9 +278,11 @@ def create_app(
         }
 
     from service import routes_assets, routes_jobs
+    from service.api_docs import mount_api_docs
     from service.dashboard import mount_dashboard
 
     app.include_router(routes_jobs.router)
     app.include_router(routes_assets.router)
+    mount_api_docs(app)
     mount_dashboard(app)
     return app

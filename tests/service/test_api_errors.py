@@ -4,6 +4,7 @@ upload errors, unexpected exceptions and the offline API docs."""
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import httpx
@@ -145,3 +146,23 @@ def test_unexpected_error_logged_once(settings, engine, caplog):
     tracebacks = [record for record in caplog.records if record.exc_info is not None]
     assert [record.name for record in tracebacks] == ["service.api"]
     assert "GET /v1/fail failed" in tracebacks[0].getMessage()
+
+
+def test_docs_served_offline(client):
+    response = client.get("/docs")
+    assert response.status_code == 200
+    page = response.text
+    assert re.findall(r"https?://", page) == []
+    assert "/docs-assets/swagger-ui-bundle.js" in page
+    assert "/openapi.json" in page
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png"):
+        served = client.get(f"/docs-assets/{asset}")
+        assert served.status_code == 200, asset
+        assert len(served.content) > 1000, asset
+
+
+def test_redoc_served_offline(client):
+    response = client.get("/redoc")
+    assert response.status_code == 200
+    assert re.findall(r"https?://", response.text) == []
+    assert "/docs-assets/redoc.standalone.js" in response.text
