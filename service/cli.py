@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -13,6 +14,21 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+MAX_PORT = 65535
+
+
+def port_number(text: str) -> int:
+    """Parse a ``--port`` value: a TCP port from 0 (any free port) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: give a number from 0 to {MAX_PORT}") from None
+    if not 0 <= port <= MAX_PORT:
+        raise argparse.ArgumentTypeError(
+            f"port {port} is out of range: give a number from 0 to {MAX_PORT} (0 for any free port)"
+        )
+    return port
+
 
 def add_parser(subparsers) -> None:
     serve = subparsers.add_parser(
@@ -21,7 +37,7 @@ def add_parser(subparsers) -> None:
         "is migrated first and a worker thread runs jobs in the same process.",
     )
     serve.add_argument("--host", help="address to bind (default CN4_HOST or 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to bind, 0 for any free port (default CN4_PORT or 8000)")
+    serve.add_argument("--port", type=port_number, help="port to bind, 0 for any free port (default CN4_PORT or 8000)")
     serve.add_argument("--database-url", help="database URL (default CN4_DATABASE_URL or SQLite under CN4_HOME)")
     serve.add_argument("--no-worker", action="store_true", help="run no worker thread in the API process")
     serve.add_argument("--migrate", action="store_true",
@@ -67,36 +83,118 @@ def add_parser(subparsers) -> None:
 
 
 def _settings(args: argparse.Namespace, **fields: Any):
-    from service.config import ServiceSettings
+    """Build the settings from the options given and the environment.
+
+    Invalid values raise one ServiceConfigError, which names the option or the ``CN4_*``
+    variable of each value.
+    """
+    from pydantic import ValidationError
+
+    from service.config import ServiceConfigError, ServiceSettings
 
     overrides = {name: value for name, value in fields.items() if value is not None}
     if getattr(args, "database_url", None):
         overrides["database_url"] = args.database_url
-    return ServiceSettings(**overrides)
+    try:
+        return ServiceSettings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = str(error["loc"][0]) if error["loc"] else "settings"
+            if name in overrides:
+                source = "--" + name.replace("_", "-")
+            else:
+                # The value may also come from the file named by CN4_CONFIG_FILE.
+                source = f"CN4_{name.upper()}"
+            if error["type"] == "value_error":
+                problems.append(f"{source}: {error['msg'].removeprefix('Value error, ')}")
+            else:
+                problems.append(f"{source}={error['input']} is invalid: {error['msg']}")
+        raise ServiceConfigError("; ".join(problems)) from None
+
+
+def _check_database(url: str) -> None:
+    """Raise ServiceConfigError if the database cannot be reached or its schema is not current."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+
+    from service import db
+    from service.config import ServiceConfigError
+
+    engine = db.create_db_engine(url, pool_size=1)
+    try:
+        db.check_schema(engine)
+    except OperationalError as exc:
+        raise ServiceConfigError(_unreachable_message(make_url(url), exc)) from None
+    finally:
+        engine.dispose()
+
+
+def _upgrade(url: str, revision: str = "head") -> None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+
+    from service import db
+    from service.config import ServiceConfigError
+
+    try:
+        db.upgrade(url, revision)
+    except OperationalError as exc:
+        raise ServiceConfigError(_unreachable_message(make_url(url), exc)) from None
+
+
+def _unreachable_message(url, exc) -> str:
+    shown = url.render_as_string(hide_password=True)
+    reason = str(exc.orig or exc).strip().splitlines()[0]
+    return (
+        f"cannot reach the database {shown} ({reason}): start the database server, or fix "
+        "--database-url or CN4_DATABASE_URL"
+    )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Return a socket bound to ``host:port``; raise ServiceConfigError if the bind fails."""
+    from service.config import ServiceConfigError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ServiceConfigError(
+                f"address {host}:{port} is already in use: pick another --port, or 0 for any "
+                "free port"
+            ) from None
+        raise ServiceConfigError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): check --host and --port"
+        ) from None
+    return sock
 
 
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service import db
     from service.api import create_app
 
     settings = _settings(args, host=args.host, port=args.port)
     settings.check_bind_safety()
     url = settings.resolved_database_url
     if args.migrate or url.startswith("sqlite"):
-        db.upgrade(url)
+        _upgrade(url)
+    # Check here, so a database that is down gives one error line instead of a failed start-up
+    # of the app with tracebacks from uvicorn.
+    _check_database(url)
     app = create_app(settings, embedded_worker=False if args.no_worker else None)
 
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.host, settings.port))
+    sock = _bind(settings.host, settings.port)
     # Listen before printing the address, so clients that connect at once wait in the backlog
     # instead of being refused while uvicorn starts.
     sock.listen(2048)
     host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    shown = f"[{host}]" if sock.family == socket.AF_INET6 else host
     print(f"cn4 serve: listening on http://{shown}:{port} (API docs at /docs)", flush=True)
     print(f"cn4 serve: dashboard at http://{shown}:{port}/", flush=True)
     logger.info("serving on %s:%d, token required for writes: %s", host, port, settings.token_required)
@@ -113,8 +211,8 @@ def run_worker(args: argparse.Namespace) -> int:
         args, lease_seconds=args.lease_seconds, heartbeat_seconds=args.heartbeat_seconds,
         poll_seconds=args.poll_seconds,
     )
+    _check_database(settings.resolved_database_url)
     engine = db.create_db_engine(settings.resolved_database_url, pool_size=2)
-    db.check_schema(engine)
     worker = Worker(engine, settings, worker_id=args.worker_id)
 
     def _stop(signum, _frame) -> None:
@@ -139,7 +237,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     if args.downgrade:
         db.downgrade(url, args.revision)
     else:
-        db.upgrade(url, args.revision)
+        _upgrade(url, args.revision)
     engine = db.create_db_engine(url, pool_size=1)
     try:
         print(f"cn4 migrate: schema at revision {db.current_revision(engine)}")

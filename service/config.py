@@ -78,7 +78,8 @@ class ServiceSettings(BaseSettings):
     # In the environment: directories separated by os.pathsep (":" on POSIX), or a JSON list.
     model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     host: str = "127.0.0.1"
-    port: int = 8000
+    # 0 binds any free port.
+    port: int = Field(default=8000, ge=0, le=65535)
     # Bearer token for write requests; required when ``host`` is not a loopback address.
     api_token: str | None = None
     # Require the token on loopback as well (when a token is set).
