@@ -27,6 +27,30 @@ def cn4_home(tmp_path_factory) -> Path:
 TINY_VOCAB = 96
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Run torch on one thread for a module.
+
+    On a machine shared with other jobs, oversubscribed thread pools make the many small ops of
+    the OBS sweep and the Mamba scan tens of times slower than one thread.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def single_kernel_thread():
+    """Run the numba kernels on one thread for a module: parallel regions stall on busy cores."""
+    import numba
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(previous)
+
+
 def _tiny_tokenizer():
     """A real byte-level BPE tokenizer trained on a few sentences, wrapped for transformers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -20,13 +20,7 @@ TEXT = (
 ) * 30
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # On a shared machine, oversubscribed thread pools make the Mamba scan much slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture

@@ -22,14 +22,7 @@ from search.cn4 import (
 from search.errors import PruningError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # On a shared machine, oversubscribed thread pools make the many small ops of the OBS sweep
-    # and the Mamba scan tens of times slower than one thread.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 SHAPES = [(1, 4), (3, 8), (7, 16), (5, 12), (64, 64), (33, 128)]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 
-import numba
 import pytest
 
 from latency_models.cost_model import CostModel
@@ -25,13 +24,7 @@ from search.models import load_checkpoint
 SMALL_PROBE = {"configs": 2, "repeats": 3}
 
 
-@pytest.fixture(autouse=True)
-def single_kernel_thread():
-    """Run the kernels on one thread: with other jobs on few cores, parallel regions stall."""
-    previous = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_kernel_thread")
 
 
 def test_local_device_name_stable():

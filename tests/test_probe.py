@@ -29,13 +29,7 @@ CONFIGS = 6
 MAX_MEDIAN_ERROR_PCT = 25.0
 
 
-@pytest.fixture(autouse=True)
-def single_kernel_thread():
-    """Run the kernels on one thread: with other jobs on few cores, parallel regions stall."""
-    previous = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_kernel_thread")
 
 
 @pytest.fixture(scope="module")

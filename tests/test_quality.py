@@ -19,14 +19,7 @@ from search.quality import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # On a shared machine, oversubscribed thread pools make the many small ops of the OBS sweep
-    # and the Mamba scan tens of times slower than one thread.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def random_windows(vocab: int, count: int, length: int, seed: int = 0) -> torch.Tensor:
