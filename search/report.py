@@ -175,7 +175,7 @@ def measure_decode(
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Measure the winner's and the dense model's decode latency through the engine.
 
-    Each result holds ``median_ms``, ``p10_ms`` and ``p90_ms`` (ms per decoded token).
+    Each result contains ``median_ms``, ``p10_ms`` and ``p90_ms`` (ms per decoded token).
     """
     from latency_models.probe import measure_model_decode
     from search.variants import apply_level_map
