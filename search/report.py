@@ -133,6 +133,7 @@ def build_report(
         "sparsity_target": spec.sparsity_target,
         "sparsity": sparsity(context.layers, winner_levels) if winner_levels else None,
         "predicted_latency_ms": predicted,
+        "layer_latency_ms": _layer_latencies(table, winner_levels),
         "measured_latency_ms": measured,
         "dense_latency_ms": dense_predicted,
         "dense_measured_latency_ms": dense_measured,
@@ -186,6 +187,25 @@ def measure_decode(
     dense = measure_model_decode(context.loaded, {})
     keys = ("median_ms", "p10_ms", "p90_ms")
     return ({key: float(pruned[key]) for key in keys}, {key: float(dense[key]) for key in keys})
+
+
+def _layer_latencies(table, level_map: dict[str, int] | None) -> dict[str, dict[str, Any]] | None:
+    """Return each eligible layer's level and its predicted latency there and when dense, in ms.
+
+    The layers alone do not add up to ``predicted_latency_ms``: the cost model adds the fixed
+    part of the model (embedding, conv1d, scan, norms, head).
+    """
+    if level_map is None:
+        return None
+    layers = {}
+    for layer in table.layers:
+        level = int(level_map.get(layer.name, 0))
+        layers[layer.name] = {
+            "level": level,
+            "predicted_ms": table.layer_ms[layer.name].get(level),
+            "dense_ms": table.layer_ms[layer.name].get(0),
+        }
+    return layers
 
 
 def _spread(timing: dict[str, float]) -> float:

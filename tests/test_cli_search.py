@@ -6,13 +6,14 @@ import json
 import math
 
 import pytest
-from search_support import write_device_file
+from search_support import DEFAULT_REMAINDER_MS, write_device_file
 
 from search.cli import main
 from search.export import load_pruned
 from search.models import DEFAULT_MODEL_DIR, eligible_layers, load_checkpoint
 
 REPORT_KEYS = {
+    "layer_latency_ms",
     "levels",
     "budget_ms",
     "predicted_latency_ms",
@@ -66,6 +67,15 @@ def test_search_writes_report_and_model(tiny_mamba_dir, device_file, tmp_path, c
     assert math.isfinite(quality["dense"])
     assert math.isfinite(quality["best"])
     assert set(quality["baselines"]) >= {"greedy"}
+
+    # Per-layer predictions plus the described device's 0.5 ms remainder give the total.
+    layer_latency = report["layer_latency_ms"]
+    assert set(layer_latency) == set(report["levels"])
+    for name, entry in layer_latency.items():
+        assert entry["level"] == report["levels"][name]
+        assert entry["predicted_ms"] <= entry["dense_ms"]
+    layers_total = sum(entry["predicted_ms"] for entry in layer_latency.values())
+    assert layers_total + DEFAULT_REMAINDER_MS == pytest.approx(report["predicted_latency_ms"])
 
     loaded, levels = load_pruned(out / "model")
     assert levels == report["levels"]
