@@ -9,6 +9,11 @@ Claims are race-free on both backends. On SQLite one conditional ``UPDATE`` pick
 oldest queued job, and its row count shows whether this worker won. On PostgreSQL the candidate
 is selected with ``FOR UPDATE SKIP LOCKED``, so concurrent workers skip each other's rows instead
 of waiting on them.
+
+On PostgreSQL a job with ``workers`` > 1 also takes helpers: workers that join it while it runs
+(:func:`join_job`) and run trials of its Optuna study. Each helper holds a row of ``job_leases``
+with its own token, which its trial records and renewals are conditional on. Helpers never write
+the job's result, and a helper whose lease expires only frees its place.
 """
 
 from __future__ import annotations
@@ -16,11 +21,11 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy import Engine, delete, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from service.tables import (
@@ -30,6 +35,7 @@ from service.tables import (
     QUEUED,
     RUNNING,
     Job,
+    JobLease,
     Trial,
     now,
 )
@@ -56,21 +62,29 @@ class IdempotencyConflict(Exception):
 
 @dataclass(frozen=True)
 class NewJob:
-    """One job to submit: its spec (``SearchSpec.to_dict()``) and an optional idempotency key."""
+    """One job to submit: its spec (``SearchSpec.to_dict()``), an optional idempotency key and
+    the maximum number of workers that may run its search at once."""
 
     spec: dict[str, Any]
     idempotency_key: str | None = None
+    workers: int = 1
 
 
 @dataclass(frozen=True)
 class Claim:
-    """A job claimed by a worker: what the worker needs to run it and to write about it."""
+    """A job claimed by a worker: what the worker needs to run it and to write about it.
+
+    ``helper`` is true for a worker that joined a job another worker claimed; its ``token`` is
+    that of its row in ``job_leases``.
+    """
 
     job_id: int
     token: str
     attempt: int
     spec: dict[str, Any]
     lease_expires_at: float
+    workers: int = 1
+    helper: bool = False
 
 
 # --- submission -------------------------------------------------------------------------------
@@ -160,6 +174,7 @@ def _job_row(job: NewJob, max_attempts: int) -> dict[str, Any]:
         "attempts": 0,
         "max_attempts": max_attempts,
         "cancel_requested": False,
+        "workers": job.workers,
         "trials_total": int(job.spec.get("trials", 0)),
         "trials_done": 0,
         "created_at": now(),
@@ -206,23 +221,137 @@ def claim_next_job(engine: Engine, *, worker_id: str, lease_seconds: float) -> C
         if result.rowcount != 1:
             return None
         row = connection.execute(
-            select(Job.id, Job.attempts, Job.spec).where(Job.lease_token == token)
+            select(Job.id, Job.attempts, Job.spec, Job.workers).where(Job.lease_token == token)
         ).one()
     logger.info("worker %s claimed job %d (attempt %d)", worker_id, row.id, row.attempts)
     return Claim(
-        job_id=row.id, token=token, attempt=row.attempts, spec=row.spec, lease_expires_at=expires
+        job_id=row.id, token=token, attempt=row.attempts, spec=row.spec, lease_expires_at=expires,
+        workers=row.workers,
     )
 
 
-def renew_lease(engine: Engine, job_id: int, token: str, *, lease_seconds: float) -> bool:
-    """Extend the lease of a running job; False when the lease was lost to expiry or cancel."""
+def join_job(
+    engine: Engine, *, worker_id: str, lease_seconds: float, skip: Collection[int] = ()
+) -> Claim | None:
+    """Join the oldest running job that has room for another worker; None when none has.
+
+    PostgreSQL only (on SQLite it returns None: each job stays on one worker). A job takes
+    helpers once it reported its first trial, so its study exists and holds trials, and a
+    joining search offsets its sampler seed instead of repeating the primary's proposals. A
+    job whose trials are all reported takes no helper. A worker never joins its own job, a job
+    it already helps, or a job id in ``skip`` (the worker passes the jobs it helped before,
+    whose studies it left full).
+    """
+    if engine.dialect.name != "postgresql":
+        return None
+    token = secrets.token_hex(16)
+    joined_at = now()
+    expires = joined_at + lease_seconds
+
+    def helper_count(job_id):
+        return (
+            select(func.count())
+            .select_from(JobLease)
+            .where(JobLease.job_id == job_id, JobLease.expires_at >= joined_at)
+            .scalar_subquery()
+        )
+
+    with engine.begin() as connection:
+        mine = select(JobLease.id).where(JobLease.job_id == Job.id, JobLease.worker_id == worker_id)
+        candidate = connection.execute(
+            select(Job.id)
+            .where(
+                Job.state == RUNNING,
+                Job.workers > 1,
+                Job.cancel_requested.is_(False),
+                Job.trials_done >= 1,
+                Job.trials_done < Job.trials_total,
+                Job.lease_owner != worker_id,
+                Job.id.not_in(list(skip)),
+                ~mine.exists(),
+                helper_count(Job.id) < Job.workers - 1,
+            )
+            .order_by(Job.id)
+            .limit(1)
+            .with_for_update(skip_locked=True, of=Job)
+        ).scalar_one_or_none()
+        if candidate is None:
+            return None
+        # The job row is locked, so the room counted here cannot be taken meanwhile; the
+        # condition still guards the insert, and the row it returns says whether this worker
+        # joined (psycopg reports no row count for INSERT ... SELECT here).
+        room = (
+            select(
+                Job.id, literal(worker_id), literal(token), literal(expires), literal(joined_at)
+            )
+            .where(
+                Job.id == candidate,
+                Job.state == RUNNING,
+                helper_count(candidate) < Job.workers - 1,
+            )
+        )
+        joined = connection.execute(
+            insert(JobLease)
+            .from_select(["job_id", "worker_id", "token", "expires_at", "joined_at"], room)
+            .returning(JobLease.id)
+        ).scalar_one_or_none()
+        if joined is None:
+            return None
+        row = connection.execute(
+            select(Job.id, Job.attempts, Job.spec, Job.workers).where(Job.id == candidate)
+        ).one()
+    logger.info("worker %s joined job %d as a helper (attempt %d)", worker_id, row.id, row.attempts)
+    return Claim(
+        job_id=row.id, token=token, attempt=row.attempts, spec=row.spec, lease_expires_at=expires,
+        workers=row.workers, helper=True,
+    )
+
+
+def renew_lease(
+    engine: Engine, job_id: int, token: str, *, lease_seconds: float, helper: bool = False
+) -> bool:
+    """Extend the lease of a running job; False when the lease was lost to expiry or cancel.
+
+    With ``helper``, ``token`` is a helper's lease (see :func:`join_job`); it is lost when its
+    row expired and was removed, or the job no longer runs.
+    """
+    with engine.begin() as connection:
+        if helper:
+            result = connection.execute(
+                update(JobLease)
+                .where(
+                    JobLease.job_id == job_id,
+                    JobLease.token == token,
+                    select(Job.id).where(Job.id == job_id, Job.state == RUNNING).exists(),
+                )
+                .values(expires_at=now() + lease_seconds)
+            )
+        else:
+            result = connection.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.lease_token == token, Job.state == RUNNING)
+                .values(lease_expires_at=now() + lease_seconds)
+            )
+    return result.rowcount == 1
+
+
+def leave_job(engine: Engine, job_id: int, token: str) -> bool:
+    """End a helper's lease (its search finished or stopped); False when it was already gone."""
     with engine.begin() as connection:
         result = connection.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.lease_token == token, Job.state == RUNNING)
-            .values(lease_expires_at=now() + lease_seconds)
+            delete(JobLease).where(JobLease.job_id == job_id, JobLease.token == token)
         )
     return result.rowcount == 1
+
+
+def live_helpers(engine: Engine, job_id: int) -> int:
+    """Return how many helpers hold an unexpired lease on ``job_id``."""
+    with engine.connect() as connection:
+        return connection.execute(
+            select(func.count())
+            .select_from(JobLease)
+            .where(JobLease.job_id == job_id, JobLease.expires_at >= now())
+        ).scalar_one()
 
 
 def requeue_expired(engine: Engine) -> list[tuple[int, str]]:
@@ -234,6 +363,15 @@ def requeue_expired(engine: Engine) -> list[tuple[int, str]]:
     checked_at = now()
     changed: list[tuple[int, str]] = []
     with engine.begin() as connection:
+        gone = connection.execute(
+            delete(JobLease)
+            .where(JobLease.expires_at < checked_at)
+            .returning(JobLease.job_id, JobLease.worker_id)
+        ).all()
+        for job_id, worker_id in gone:
+            logger.warning(
+                "helper %s of job %d let its lease expire: its place is free", worker_id, job_id
+            )
         expired = connection.execute(
             select(
                 Job.id, Job.lease_token, Job.lease_owner, Job.attempts, Job.max_attempts,
@@ -267,6 +405,8 @@ def requeue_expired(engine: Engine) -> list[tuple[int, str]]:
             )
             if result.rowcount == 1:
                 changed.append((row.id, values["state"]))
+                # The helpers of the old claim stop: their leases are gone.
+                connection.execute(delete(JobLease).where(JobLease.job_id == row.id))
     for job_id, state in changed:
         if state == QUEUED:
             logger.warning("job %d lease expired, re-queued for another attempt", job_id)
@@ -286,6 +426,8 @@ def release_job(engine: Engine, job_id: int, token: str) -> bool:
                 attempts=Job.attempts - 1,
             )
         )
+        if result.rowcount == 1:
+            connection.execute(delete(JobLease).where(JobLease.job_id == job_id))
     return result.rowcount == 1
 
 
@@ -295,15 +437,19 @@ def release_job(engine: Engine, job_id: int, token: str) -> bool:
 def record_trial(engine: Engine, job_id: int, token: str, record: Mapping[str, Any]) -> bool:
     """Store one trial record of a running job and update its progress and best feasible trial.
 
-    A trial number reported again (a re-queued job repeating its search) replaces the earlier
-    row. Returns False, storing nothing, when ``token`` no longer holds the job's lease.
+    ``token`` is the lease of the job's primary or of one of its helpers. The record's
+    ``worker_id``, when present, names the worker that ran the trial. A trial number reported
+    again (a re-queued job repeating its search) replaces the earlier row. Returns False,
+    storing nothing, when ``token`` no longer holds a lease on the job.
     """
     number = int(record["number"])
     values = {name: _json_safe(record.get(name)) for name in TRIAL_FIELDS}
     values["state"] = str(values["state"] or "complete")
+    values["worker_id"] = record.get("worker_id")
     with engine.begin() as connection:
+        helper = select(JobLease.id).where(JobLease.job_id == job_id, JobLease.token == token)
         owned = select(Job.attempts).where(
-            Job.id == job_id, Job.lease_token == token, Job.state == RUNNING
+            Job.id == job_id, or_(Job.lease_token == token, helper.exists()), Job.state == RUNNING
         )
         if engine.dialect.name == "postgresql":
             owned = owned.with_for_update()
@@ -324,6 +470,14 @@ def record_trial(engine: Engine, job_id: int, token: str, record: Mapping[str, A
             update(Job).where(Job.id == job_id).values(trials_done=done, best=best)
         )
     return True
+
+
+def reported_trials(engine: Engine, job_id: int) -> set[int]:
+    """Return the numbers of the trials stored for ``job_id``."""
+    with engine.connect() as connection:
+        return set(
+            connection.execute(select(Trial.number).where(Trial.job_id == job_id)).scalars()
+        )
 
 
 def _best_feasible(connection, job_id: int) -> dict[str, Any] | None:
@@ -378,6 +532,8 @@ def finish_job(
                 lease_expires_at=None,
             )
         )
+        if outcome.rowcount == 1:
+            connection.execute(delete(JobLease).where(JobLease.job_id == job_id))
     if outcome.rowcount != 1:
         logger.warning(
             "result of job %d rejected: the lease was lost before it arrived (expired or taken "
@@ -418,15 +574,27 @@ def request_cancel(engine: Engine, job_id: int) -> str:
     raise JobStateConflict(f"job {job_id} is already {state}: only queued or running jobs can be cancelled")
 
 
-def lease_status(engine: Engine, job_id: int, token: str) -> tuple[bool, bool]:
-    """Return ``(lease held, cancel requested)`` for the claim ``token`` of ``job_id``."""
+def lease_status(
+    engine: Engine, job_id: int, token: str, *, helper: bool = False
+) -> tuple[bool, bool]:
+    """Return ``(lease held, cancel requested)`` for the claim ``token`` of ``job_id``.
+
+    With ``helper``, ``token`` is a helper's lease, held while its row exists and the job runs.
+    """
     with engine.connect() as connection:
         row = connection.execute(
             select(Job.lease_token, Job.state, Job.cancel_requested).where(Job.id == job_id)
         ).first()
+        if row is not None and helper:
+            mine = connection.execute(
+                select(JobLease.id).where(JobLease.job_id == job_id, JobLease.token == token)
+            ).first()
     if row is None:
         return False, False
-    held = row.lease_token == token and row.state == RUNNING
+    if helper:
+        held = mine is not None and row.state == RUNNING
+    else:
+        held = row.lease_token == token and row.state == RUNNING
     return held, bool(row.cancel_requested)
 
 

@@ -11,7 +11,7 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import FileResponse, StreamingResponse
 from sqlalchemy import func, select
 
-from search.spec import SearchSpec
+from search.spec import SearchSpec, SpecError
 from service import queue
 from service.api import MAX_ROW_ID, EngineDep, RowId, SessionDep, SettingsDep, WriteAccess
 from service.resolve import check_spec
@@ -43,6 +43,7 @@ def job_out(job: Job) -> dict[str, Any]:
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,
         "cancel_requested": job.cancel_requested,
+        "workers": job.workers,
         "progress": {
             "trials_done": job.trials_done,
             "trials_total": total,
@@ -60,7 +61,14 @@ def job_out(job: Job) -> dict[str, Any]:
 def _validated(session, body: JobCreate, settings) -> queue.NewJob:
     spec = SearchSpec.from_dict(body.spec)
     check_spec(session, spec, settings)
-    return queue.NewJob(spec=spec.to_dict(), idempotency_key=body.idempotency_key)
+    if body.workers > 1 and session.get_bind().dialect.name != "postgresql":
+        raise SpecError(
+            f"workers={body.workers} needs a PostgreSQL service database: on SQLite each job "
+            "runs on one worker; leave workers at 1 or set CN4_DATABASE_URL to PostgreSQL"
+        )
+    return queue.NewJob(
+        spec=spec.to_dict(), idempotency_key=body.idempotency_key, workers=body.workers
+    )
 
 
 def _get_job(session, job_id: int) -> Job:
@@ -150,6 +158,7 @@ def list_trials(job_id: RowId, session: SessionDep):
             "levels": trial.levels, "quality": trial.quality,
             "predicted_latency_ms": trial.predicted_latency_ms, "sparsity": trial.sparsity,
             "feasible": trial.feasible, "reason": trial.reason, "seed_name": trial.seed_name,
+            "worker_id": trial.worker_id,
             "created_at": iso(trial.created_at),
         }
         for trial in trials

@@ -128,6 +128,18 @@ class JobCreate(Strict):
 
     spec: dict[str, Any] = Field(default_factory=dict)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Maximum number of workers that may run trials of this job's search at once. The "
+            "worker that claims the job runs it. While it runs, idle workers join until this "
+            "many share its Optuna study, and the claiming worker writes the result. More than "
+            "1 needs a PostgreSQL service database: on SQLite each job runs on one worker and a "
+            "value over 1 is rejected with 422."
+        ),
+    )
 
 
 class JobBatchCreate(Strict):
@@ -148,6 +160,9 @@ class JobOut(BaseModel):
     attempts: int
     max_attempts: int
     cancel_requested: bool
+    workers: int = Field(
+        description="Maximum number of workers that may run trials of the job at once."
+    )
     progress: Progress
     best: dict[str, Any] | None
     error: str | None
@@ -186,6 +201,9 @@ class TrialOut(BaseModel):
     feasible: bool | None
     reason: str | None
     seed_name: str | None
+    worker_id: str | None = Field(
+        description="The worker that ran the trial; null for a trial of a worker that died."
+    )
     created_at: str | None
 
 

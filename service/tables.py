@@ -125,6 +125,9 @@ class Job(Base):
     lease_token: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[float | None] = mapped_column(Double)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Maximum number of workers running the job's search at once: its claiming worker plus the
+    # helpers that join it. Only PostgreSQL takes helpers, so on SQLite a job stays on one worker.
+    workers: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     trials_total: Mapped[int] = mapped_column(Integer)
     trials_done: Mapped[int] = mapped_column(Integer, default=0)
     best: Mapped[dict[str, Any] | None] = mapped_column(JSON)
@@ -159,6 +162,25 @@ class Trial(Base):
     feasible: Mapped[bool | None] = mapped_column(Boolean)
     reason: Mapped[str | None] = mapped_column(Text)
     seed_name: Mapped[str | None] = mapped_column(String(100))
+    # The worker that ran the trial; None for trials of a dead worker found when resuming.
+    worker_id: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[float] = mapped_column(Double, default=now)
 
     job: Mapped[Job] = relationship(back_populates="trials")
+
+
+class JobLease(Base):
+    """The lease of a helper: a worker that joined a running job to run trials of its study.
+
+    The job's claiming worker (its primary) holds the lease on the job row; each helper holds
+    one row here, renewed by its heartbeat and deleted when it leaves or its lease expires.
+    """
+
+    __tablename__ = "job_leases"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    worker_id: Mapped[str] = mapped_column(String(200))
+    token: Mapped[str] = mapped_column(String(64), unique=True)
+    expires_at: Mapped[float] = mapped_column(Double)
+    joined_at: Mapped[float] = mapped_column(Double, default=now)

@@ -5,6 +5,11 @@ A worker runs one job at a time. While the job runs, a heartbeat thread renews t
 or the job vanished) ``should_stop`` returns true, and whatever the worker reports afterwards is
 refused by the conditional writes in :mod:`service.queue`. Between jobs, and before each claim,
 the worker re-queues jobs whose lease expired, so a killed worker's job is picked up again.
+
+On PostgreSQL a worker that finds no queued job joins a running job with room for another
+worker (``workers`` > 1) as a helper: it runs trials of the job's Optuna study and reports them
+like the primary, but never writes the job's result. When its search ends, fails or loses its
+lease, the helper leaves and the job goes on.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ class JobContext:
     study_name: str
     settings: ServiceSettings
     engine: Engine = field(repr=False)
+    # Maximum number of workers sharing the job's study, and whether this one joined as a helper.
+    workers: int = 1
+    helper: bool = False
 
 
 # A job runner runs one job and returns its report. The default one runs the Optuna search.
@@ -78,6 +86,8 @@ class Worker:
         self._runner = runner
         self._stopping = threading.Event()
         self.jobs_done = 0
+        # Jobs this worker joined as a helper: it left their studies full and does not rejoin.
+        self._helped: set[int] = set()
 
     @property
     def runner(self) -> JobRunner:
@@ -116,12 +126,20 @@ class Worker:
         return self.jobs_done
 
     def run_once(self) -> bool:
-        """Re-queue expired jobs, claim one job and run it; False when none was queued."""
+        """Re-queue expired jobs, claim one job (or join a running one) and run it.
+
+        Returns False when there was nothing to run.
+        """
         try:
             queue.requeue_expired(self.engine)
             claim = queue.claim_next_job(
                 self.engine, worker_id=self.worker_id, lease_seconds=self.settings.lease_seconds
             )
+            if claim is None:
+                claim = queue.join_job(
+                    self.engine, worker_id=self.worker_id,
+                    lease_seconds=self.settings.lease_seconds, skip=self._helped,
+                )
         except Exception:
             # A database outage must not kill the worker: log it and try again after a poll.
             logger.exception("worker %s could not poll the queue", self.worker_id)
@@ -138,23 +156,15 @@ class Worker:
         return True
 
     def _run_claim(self, claim: queue.Claim) -> None:
+        if claim.helper:
+            self._run_helper(claim)
+            return
         lease = _Lease(self, claim)
         lease.start()
         out_dir = (
             self.settings.resolved_data_dir / "jobs" / str(claim.job_id) / f"attempt-{claim.attempt}"
         )
-        context = JobContext(
-            job_id=claim.job_id,
-            attempt=claim.attempt,
-            spec=claim.spec,
-            out_dir=out_dir,
-            on_trial=lease.on_trial,
-            should_stop=lease.should_stop,
-            storage=self._optuna_storage(),
-            study_name=f"cn4-job-{claim.job_id}",
-            settings=self.settings,
-            engine=self.engine,
-        )
+        context = self._context(claim, lease, out_dir)
         state, report, error = SUCCEEDED, None, None
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,6 +200,47 @@ class Worker:
         queue.finish_job(
             self.engine, claim.job_id, claim.token, state=state, result=report, error=error,
             out_dir=str(out_dir),
+        )
+
+    def _run_helper(self, claim: queue.Claim) -> None:
+        """Run trials of a job another worker claimed; whatever happens, only leave the job."""
+        self._helped.add(claim.job_id)
+        lease = _Lease(self, claim)
+        lease.start()
+        # Device files the spec resolves to are written here; the report is the primary's.
+        out_dir = (
+            self.settings.resolved_data_dir / "jobs" / str(claim.job_id)
+            / f"attempt-{claim.attempt}" / "helpers" / claim.token[:12]
+        )
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.runner(self._context(claim, lease, out_dir))
+        except Exception as exc:
+            # A helper's failure leaves the job to its primary and the other helpers.
+            logger.warning(
+                "helper %s of job %d stopped on an error, the job goes on: %s: %s",
+                self.worker_id, claim.job_id, type(exc).__name__, exc,
+            )
+            logger.debug("traceback of helper of job %d:\n%s", claim.job_id, traceback.format_exc())
+        finally:
+            lease.close()
+            queue.leave_job(self.engine, claim.job_id, claim.token)
+        logger.info("helper %s left job %d", self.worker_id, claim.job_id)
+
+    def _context(self, claim: queue.Claim, lease: _Lease, out_dir: Path) -> JobContext:
+        return JobContext(
+            job_id=claim.job_id,
+            attempt=claim.attempt,
+            spec=claim.spec,
+            out_dir=out_dir,
+            on_trial=lease.on_trial,
+            should_stop=lease.should_stop,
+            storage=self._optuna_storage(),
+            study_name=f"cn4-job-{claim.job_id}",
+            settings=self.settings,
+            engine=self.engine,
+            workers=claim.workers,
+            helper=claim.helper,
         )
 
     def _optuna_storage(self) -> str | None:
@@ -228,7 +279,7 @@ class _Lease:
             try:
                 held = queue.renew_lease(
                     self.worker.engine, self.claim.job_id, self.claim.token,
-                    lease_seconds=settings.lease_seconds,
+                    lease_seconds=settings.lease_seconds, helper=self.claim.helper,
                 )
             except Exception:
                 logger.exception(
@@ -256,7 +307,9 @@ class _Lease:
             return False
         self._last_check = time.monotonic()
         try:
-            held, cancel = queue.lease_status(self.worker.engine, self.claim.job_id, self.claim.token)
+            held, cancel = queue.lease_status(
+                self.worker.engine, self.claim.job_id, self.claim.token, helper=self.claim.helper
+            )
         except Exception:
             logger.exception("worker %s could not check job %d", self.worker.worker_id, self.claim.job_id)
             return False
@@ -268,6 +321,7 @@ class _Lease:
         return self.lost or self.cancel_requested
 
     def on_trial(self, record: dict[str, Any]) -> None:
+        record = {"worker_id": self.worker.worker_id, **record}
         try:
             stored = queue.record_trial(self.worker.engine, self.claim.job_id, self.claim.token, record)
         except Exception:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,6 +29,7 @@ def _root_conftest():
 
 write_tiny_checkpoint = _root_conftest().write_tiny_checkpoint
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 BACKENDS = ("sqlite", "postgresql")
 
@@ -133,3 +137,21 @@ def wait_for(condition, *, timeout: float, interval: float = 0.1, message: str =
         if time.monotonic() > deadline:
             pytest.fail(f"{message} not met within {timeout} s (last value {value!r})")
         time.sleep(interval)
+
+
+def worker_process(settings, worker_id: str, log_path: Path) -> subprocess.Popen:
+    """Start ``cn4 worker`` in its own process with the test's settings; it logs to ``log_path``."""
+    env = dict(
+        os.environ,
+        CN4_DATA_DIR=str(settings.resolved_data_dir),
+        CN4_MODEL_ROOTS=os.pathsep.join(str(root) for root in settings.model_roots),
+        HF_HUB_OFFLINE="1",
+    )
+    command = [
+        sys.executable, "-m", "search.cli", "-v", "worker", "--database-url", settings.database_url,
+        "--worker-id", worker_id, "--lease-seconds", str(settings.lease_seconds),
+        "--heartbeat-seconds", str(settings.heartbeat_seconds), "--poll-seconds", "0.2",
+    ]
+    return subprocess.Popen(
+        command, cwd=REPO_ROOT, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT
+    )

@@ -55,7 +55,7 @@ def test_healthz_reports_schema_and_jobs(client):
     body = response.json()
     assert body["status"] == "ok"
     assert body["database"] in ("sqlite", "postgresql")
-    assert body["schema_revision"] == "0002"
+    assert body["schema_revision"] == "0003"
     assert isinstance(body["jobs"], dict)
 
 
@@ -282,6 +282,21 @@ def test_create_and_get_job(client):
     missing = client.get("/v1/jobs/999999")
     assert missing.status_code == 404
     assert "999999" in missing.json()["detail"]
+
+
+def test_workers_setting(client, engine):
+    """workers > 1 is kept on PostgreSQL and refused on SQLite, naming the value and the fix."""
+    response = client.post("/v1/jobs", json={"spec": {"trials": 4}, "workers": 3})
+    if engine.dialect.name == "postgresql":
+        assert response.status_code == 201
+        assert response.json()["workers"] == 3
+    else:
+        assert response.status_code == 422
+        assert "workers=3 needs a PostgreSQL" in response.json()["detail"]
+    assert client.post("/v1/jobs", json={"spec": {"trials": 4}}).json()["workers"] == 1
+    assert client.post("/v1/jobs", json={"spec": {}, "workers": 0}).status_code == 422
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["JobCreate"]
+    assert "PostgreSQL" in schema["properties"]["workers"]["description"]
 
 
 def test_invalid_spec_rejected(client):

@@ -57,12 +57,19 @@ def test_downgrade_and_upgrade_keep_rows(empty_database_url):
     db.upgrade(empty_database_url)
     engine = db.create_db_engine(empty_database_url)
     try:
-        assert db.current_revision(engine) == "0002"
+        assert db.current_revision(engine) == "0003"
         fill(engine)
         before = row_counts(engine)
         assert before == {
             "jobs": 6, "job_trials": 9, "devices": 1, "measurements": 7, "models": 0, "latency_models": 0,
         }
+
+        db.downgrade(empty_database_url, "0002")
+        engine.dispose()
+        assert db.current_revision(engine) == "0002"
+        assert row_counts(engine) == before
+        assert "job_leases" not in inspect(engine).get_table_names()
+        assert "workers" not in {column["name"] for column in inspect(engine).get_columns("jobs")}
 
         db.downgrade(empty_database_url, "0001")
         engine.dispose()
@@ -73,14 +80,18 @@ def test_downgrade_and_upgrade_keep_rows(empty_database_url):
 
         db.upgrade(empty_database_url)
         engine.dispose()
-        assert db.current_revision(engine) == "0002"
+        assert db.current_revision(engine) == "0003"
         assert row_counts(engine) == before
         with engine.connect() as connection:
             states = sorted(connection.execute(select(Job.state)).scalars())
             cancel_flags = set(connection.execute(select(Job.cancel_requested)).scalars())
+            worker_counts = set(connection.execute(select(Job.workers)).scalars())
+            trial_workers = set(connection.execute(select(Trial.worker_id)).scalars())
             trial_jobs = connection.execute(select(func.count(func.distinct(Trial.job_id)))).scalar_one()
         assert states == ["queued"] * 3 + ["running"] * 2 + ["succeeded"]
         assert cancel_flags == {False}
+        assert worker_counts == {1}
+        assert trial_workers == {None}
         assert trial_jobs == 3
         if engine.dialect.name == "sqlite":
             with engine.connect() as connection:
@@ -103,7 +114,7 @@ def test_version_table_leaves_optuna_alone(empty_database_url):
     try:
         tables = set(inspect(engine).get_table_names())
         assert {"cn4_alembic_version", "alembic_version", "jobs", "job_trials", "trials", "studies"} <= tables
-        assert db.current_revision(engine) == "0002"
+        assert db.current_revision(engine) == "0003"
         db.check_schema(engine)
         db.downgrade(empty_database_url, "base")
         remaining = set(inspect(engine).get_table_names())

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import delete, func, select, update
 
 from service import queue
-from service.tables import Job, Trial
+from service.tables import Job, JobLease, Trial
 
 pytestmark = pytest.mark.postgres
 
@@ -202,3 +202,59 @@ def test_release_job_returns_it_uncounted(engine):
     row = job_row(engine, job_id)
     assert row.state == "queued"
     assert row.attempts == 0
+
+
+def test_helpers_join_a_running_job_up_to_its_workers(engine):
+    """A second and third worker join a job of workers=3 once it reported a trial; a fourth finds
+    no room. Each helper's trials, renewals and leave go through its own lease."""
+    [(job_id, _)] = queue.submit_jobs(
+        engine, [queue.NewJob(spec={"trials": 5}, workers=3)], max_attempts=3
+    )
+    primary = queue.claim_next_job(engine, worker_id="primary", lease_seconds=60)
+    assert primary.workers == 3 and not primary.helper
+    if engine.dialect.name != "postgresql":
+        # SQLite keeps each job on one worker.
+        queue.record_trial(engine, job_id, primary.token, trial_record(0, quality=0.5))
+        assert queue.join_job(engine, worker_id="helper-1", lease_seconds=60) is None
+        return
+    # No trial reported yet: the study may not exist, so nobody joins.
+    assert queue.join_job(engine, worker_id="helper-1", lease_seconds=60) is None
+    assert queue.record_trial(engine, job_id, primary.token, {**trial_record(0, quality=0.5), "worker_id": "primary"})
+    assert queue.join_job(engine, worker_id="primary", lease_seconds=60) is None
+    first = queue.join_job(engine, worker_id="helper-1", lease_seconds=60)
+    assert (first.job_id, first.helper) == (job_id, True)
+    assert queue.join_job(engine, worker_id="helper-1", lease_seconds=60) is None
+    second = queue.join_job(engine, worker_id="helper-2", lease_seconds=60)
+    assert second.job_id == job_id
+    assert queue.join_job(engine, worker_id="helper-3", lease_seconds=60) is None
+    assert queue.live_helpers(engine, job_id) == 2
+
+    assert queue.record_trial(engine, job_id, first.token, {**trial_record(1, quality=0.25), "worker_id": "helper-1"})
+    assert queue.renew_lease(engine, job_id, first.token, lease_seconds=60, helper=True)
+    assert queue.lease_status(engine, job_id, first.token, helper=True) == (True, False)
+    # A helper token is no primary lease: it cannot write the result.
+    assert not queue.finish_job(engine, job_id, first.token, state="succeeded", result={})
+    row = job_row(engine, job_id)
+    assert (row.trials_done, row.best["number"]) == (2, 1)
+
+    # The second helper dies: once its lease expires its place is free for another worker.
+    with engine.begin() as connection:
+        connection.execute(
+            update(JobLease).where(JobLease.token == second.token).values(expires_at=time.time() - 1)
+        )
+    assert queue.requeue_expired(engine) == []
+    assert not queue.renew_lease(engine, job_id, second.token, lease_seconds=60, helper=True)
+    assert not queue.record_trial(engine, job_id, second.token, trial_record(2, quality=0.1))
+    third = queue.join_job(engine, worker_id="helper-3", lease_seconds=60)
+    assert third.job_id == job_id
+    assert queue.leave_job(engine, job_id, third.token)
+    assert queue.live_helpers(engine, job_id) == 1
+
+    queue.request_cancel(engine, job_id)
+    assert queue.lease_status(engine, job_id, first.token, helper=True) == (True, True)
+    assert queue.finish_job(engine, job_id, primary.token, state="cancelled")
+    assert queue.lease_status(engine, job_id, first.token, helper=True) == (False, True)
+    assert queue.live_helpers(engine, job_id) == 0
+    with engine.connect() as connection:
+        workers = dict(connection.execute(select(Trial.number, Trial.worker_id)).all())
+    assert workers == {0: "primary", 1: "helper-1"}

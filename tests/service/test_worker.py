@@ -4,11 +4,8 @@ late result after lease loss."""
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import zipfile
@@ -16,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_testing import ServerThread, tiny_job_spec, wait_for
+from service_testing import ServerThread, tiny_job_spec, wait_for, worker_process
 from sqlalchemy import select, update
 
 from service import queue
@@ -25,8 +22,6 @@ from service.tables import Job
 from service.worker import Worker
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -118,25 +113,10 @@ def test_job_runs_end_to_end_and_cancel(settings, engine, tiny_under_root, tiny_
         assert cancelled["progress"]["trials_done"] == len(kept)
 
 
-def _worker_process(settings, worker_id: str, log_path: Path) -> subprocess.Popen:
-    env = dict(
-        os.environ,
-        CN4_DATA_DIR=str(settings.resolved_data_dir),
-        CN4_MODEL_ROOTS=os.pathsep.join(str(root) for root in settings.model_roots),
-        HF_HUB_OFFLINE="1",
-    )
-    command = [
-        sys.executable, "-m", "search.cli", "-v", "worker", "--database-url", settings.database_url,
-        "--worker-id", worker_id, "--lease-seconds", str(settings.lease_seconds),
-        "--heartbeat-seconds", str(settings.heartbeat_seconds), "--poll-seconds", "0.2",
-    ]
-    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
-
-
 def test_killed_worker_job_requeued_and_finished(settings, engine, tiny_under_root, device_file, tmp_path):
     spec = tiny_job_spec(str(tiny_under_root), str(device_file), trials=6, seed=2)
     [(job_id, _)] = queue.submit_jobs(engine, [queue.NewJob(spec=spec)], max_attempts=3)
-    doomed = _worker_process(settings, "doomed", tmp_path / "doomed.log")
+    doomed = worker_process(settings, "doomed", tmp_path / "doomed.log")
     try:
         wait_for(
             lambda: job(engine, job_id).trials_done >= 1 or doomed.poll() is not None,
