@@ -114,7 +114,10 @@ def test_job_runs_end_to_end_and_cancel(settings, engine, tiny_under_root, tiny_
 
 
 def test_killed_worker_job_requeued_and_finished(settings, engine, tiny_under_root, device_file, tmp_path):
-    spec = tiny_job_spec(str(tiny_under_root), str(device_file), trials=6, seed=2)
+    # Enough trials that the job is still running when the first one is reported: on an idle
+    # machine a tiny model's trials take milliseconds each.
+    trials = 60
+    spec = tiny_job_spec(str(tiny_under_root), str(device_file), trials=trials, seed=2)
     [(job_id, _)] = queue.submit_jobs(engine, [queue.NewJob(spec=spec)], max_attempts=3)
     doomed = worker_process(settings, "doomed", tmp_path / "doomed.log")
     try:
@@ -133,7 +136,7 @@ def test_killed_worker_job_requeued_and_finished(settings, engine, tiny_under_ro
     assert row.state == "running"
     assert row.lease_owner == "doomed"
     assert row.attempts == 1
-    assert row.trials_done < 6
+    assert row.trials_done < trials
 
     rescuer = Worker(engine, settings, worker_id="rescuer")
     thread = threading.Thread(target=rescuer.run, kwargs={"max_jobs": 1}, daemon=True)
@@ -151,8 +154,8 @@ def test_killed_worker_job_requeued_and_finished(settings, engine, tiny_under_ro
     assert row.attempts == 2
     assert row.lease_owner is None
     # Every study trial has a row, the killed worker's unfinished one included (as failed).
-    assert row.trials_done == 6
-    assert row.result["spec"]["trials"] == 6
+    assert row.trials_done == trials
+    assert row.result["spec"]["trials"] == trials
     assert Path(row.out_dir).name == "attempt-2"
     assert (Path(row.out_dir) / "report.json").is_file()
 
