@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +50,15 @@ _BLOCK_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _HASH_CHUNK_BYTES = 1 << 20
 
 
+# transformers 5.x resolves its top-level names lazily, and threads importing them at the same
+# time get "ImportError: cannot import name 'Mamba2Config'", so the first import is serialised.
+_TRANSFORMERS_IMPORT_LOCK = threading.Lock()
+
+
 def supported_architectures() -> dict[str, tuple[type, type]]:
     """Map each supported ``model_type`` to its transformers config and model classes."""
-    from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+    with _TRANSFORMERS_IMPORT_LOCK:
+        from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
     return {
         "mamba": (MambaConfig, MambaForCausalLM),

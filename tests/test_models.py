@@ -495,3 +495,37 @@ def test_cli_layers_missing_model(tmp_path, capsys):
     assert main(["layers", str(tmp_path / "nowhere")]) == 1
 
     assert "cn4 layers: error: checkpoint directory" in capsys.readouterr().err
+
+
+THREADED_IMPORT = """
+import threading
+from search.models import supported_architectures
+
+barrier = threading.Barrier(8)
+errors = []
+
+
+def work():
+    barrier.wait()
+    try:
+        supported_architectures()
+    except Exception as exc:
+        errors.append(repr(exc))
+
+
+threads = [threading.Thread(target=work) for _ in range(8)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(len(errors), errors[:1])
+"""
+
+
+def test_architectures_import_from_threads():
+    # Without a lock, most fresh interpreters failed here with "cannot import name".
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, "-c", THREADED_IMPORT], capture_output=True, text=True, check=True
+        )
+        assert result.stdout.strip().startswith("0 "), result.stdout
