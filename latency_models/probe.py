@@ -360,7 +360,7 @@ def random_level_maps(
 
 @dataclass
 class ProbeResult:
-    """Records of one probe; ``validation`` holds the model records of the random level maps."""
+    """Records of one probe; ``validation`` contains the model records of the random level maps."""
 
     layers: list[Measurement] = field(default_factory=list)
     calibration: list[Measurement] = field(default_factory=list)

@@ -1,4 +1,4 @@
-"""Where cn4 keeps what it computes once and reuses."""
+"""The cache root of what cn4 computes once and reuses."""
 
 from __future__ import annotations
 

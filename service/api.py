@@ -145,7 +145,7 @@ class BodyLimitMiddleware:
 
 
 class UnexpectedErrorMiddleware:
-    """Answer an unexpected exception with a 500 JSON detail and log its traceback once.
+    """Convert an unexpected exception into a 500 JSON detail and log its traceback once.
 
     A handler registered for ``Exception`` would not do: Starlette's ServerErrorMiddleware
     re-raises after calling it, so uvicorn logs the same traceback a second time. This middleware

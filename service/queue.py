@@ -11,7 +11,7 @@ is selected with ``FOR UPDATE SKIP LOCKED``, so concurrent workers skip each oth
 of waiting on them.
 
 On PostgreSQL a job with ``workers`` > 1 also takes helpers: workers that join it while it runs
-(:func:`join_job`) and run trials of its Optuna study. Each helper holds a row of ``job_leases``
+(:func:`join_job`) and run trials of its Optuna study. Each helper has a row of ``job_leases``
 with its own token, which its trial records and renewals are conditional on. Helpers never write
 the job's result, and a helper whose lease expires only frees its place.
 """
@@ -236,7 +236,7 @@ def join_job(
     """Join the oldest running job that has room for another worker; None when none has.
 
     PostgreSQL only (on SQLite it returns None: each job stays on one worker). A job takes
-    helpers once it reported its first trial, so its study exists and holds trials, and a
+    helpers once it reported its first trial, so its study exists and contains trials, and a
     joining search offsets its sampler seed instead of repeating the primary's proposals. A
     job whose trials are all reported takes no helper. A worker never joins its own job, a job
     it already helps, or a job id in ``skip`` (the worker passes the jobs it helped before,
@@ -278,7 +278,7 @@ def join_job(
         if candidate is None:
             return None
         # The job row is locked, so the room counted here cannot be taken meanwhile; the
-        # condition still guards the insert, and the row it returns says whether this worker
+        # condition still guards the insert, and the row it returns shows whether this worker
         # joined (psycopg reports no row count for INSERT ... SELECT here).
         room = (
             select(

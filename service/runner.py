@@ -81,7 +81,7 @@ class StudyFull(Exception):
 def helper_storage(storage_url: str, *, trials: int):
     """Return the Optuna storage a helper searches with: it starts a trial only while there is room.
 
-    A search checks that the study counts fewer than ``trials`` trials and then asks for one,
+    A search checks that the study counts fewer than ``trials`` trials and then requests one,
     so two workers passing the check at once overshoot the total (seen in the tests: 121 of
     120). A helper starts a trial only under a PostgreSQL advisory lock on the study and only
     while the study counts at most ``trials - 2`` trials, leaving the last place to the
@@ -171,7 +171,7 @@ def settle_helpers(context: JobContext, *, finished: int) -> bool:
     one that died holds its place until its lease expires. Trials still running after that
     belong to dead helpers and are marked failed. Trials missing from the job's trial table
     (those and any a helper finished but could not report) are recorded. Returns whether the
-    study now holds more finished trials than ``finished``, the count the report was built on.
+    study now contains more finished trials than ``finished``, the count the report was built on.
     Returns False at once when the job is stopped (cancel, lease loss or shutdown) meanwhile.
     """
     from service import queue

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
-import uvicorn
+from server_testing import ServerThread
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "dashboard"
@@ -82,35 +79,6 @@ def tiny_device_records(model_dir: Path, *, device: str = "tiny-cpu") -> list[di
             "median_ms": exact * (1 + 0.02 * ((index % 7) - 3)),
         })
     return records
-
-
-class ServerThread:
-    """A real uvicorn server on 127.0.0.1 and a free port, run in a thread of the test process."""
-
-    def __init__(self, app) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start within 60 s")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
-        self.sock.close()
 
 
 # Generous limits: Chromium parses the 4.6 MB Plotly bundle slowly on a busy 2-core machine.

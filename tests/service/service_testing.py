@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import psycopg
 import pytest
-import uvicorn
+from server_testing import ServerThread
 
 
 def _root_conftest():
@@ -98,33 +96,6 @@ def tiny_job_spec(model: str, device: str, *, trials: int = 3, **extra) -> dict:
     }
     spec.update(extra)
     return spec
-
-
-class ServerThread:
-    """A real uvicorn server on 127.0.0.1 and a free port, run in a thread of the test process."""
-
-    def __init__(self, app) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start within 30 s")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
 
 
 def wait_for(condition, *, timeout: float, interval: float = 0.1, message: str = "condition"):

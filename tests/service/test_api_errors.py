@@ -1,4 +1,4 @@
-"""Error answers of the API on a real uvicorn server: out-of-range ids, results that never come,
+"""Error responses of the API on a real uvicorn server: out-of-range ids, results that never come,
 upload errors, unexpected exceptions and the offline API docs."""
 
 from __future__ import annotations

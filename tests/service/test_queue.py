@@ -211,7 +211,8 @@ def test_helpers_join_a_running_job_up_to_its_workers(engine):
         engine, [queue.NewJob(spec={"trials": 5}, workers=3)], max_attempts=3
     )
     primary = queue.claim_next_job(engine, worker_id="primary", lease_seconds=60)
-    assert primary.workers == 3 and not primary.helper
+    assert primary.workers == 3
+    assert not primary.helper
     if engine.dialect.name != "postgresql":
         # SQLite keeps each job on one worker.
         queue.record_trial(engine, job_id, primary.token, trial_record(0, quality=0.5))
